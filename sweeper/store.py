@@ -1,0 +1,265 @@
+"""The Parquet store: the one contract between the sweep and the analysis.
+
+Layout of one sweep, under `<results>/<name>/`:
+
+    grid.yaml                the grid file of the latest run (earlier ones in grid-history/)
+    trials/<trial_id>.parquet    one row per trial (TRIALS below)
+    steps/<trial_id>.parquet     one row per trial and log step (STEPS below)
+    coord/<trial_id>.parquet     coord-check rows, only for trials that asked for them (COORD)
+
+Every file is written under a temporary name beginning with "." and renamed into place, steps
+and coord before trials: a trial exists when, and only when, its `trials/` file does, and then
+all of its rows do. Readers (pandas, pyarrow, DuckDB) skip names beginning with "." or "_".
+
+This module needs pyarrow only (no torch, no Ray), so `analysis` can use it on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+STORE_VERSION = 1
+
+# (column, arrow type, meaning and unit). The README's schema section is this table.
+TRIALS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("trial_id", pa.string(), "stable hash of every setting that changes the result"),
+    ("sweep", pa.string(), "the grid file's name"),
+    ("store_version", pa.int32(), "version of this schema"),
+    ("status", pa.string(), "completed | diverged | failed"),
+    ("model", pa.string(), "proxy model: gpt | mlp"),
+    ("width", pa.int64(), "model width (embedding dimension / hidden units)"),
+    ("depth", pa.int64(), "transformer blocks / hidden layers"),
+    ("seq_len", pa.int64(), "tokens per sequence"),
+    ("head_dim", pa.int64(), "attention head dimension"),
+    ("zero_init_out", pa.bool_(), "output projections of blocks initialised to zero"),
+    ("attn_scale", pa.string(), "attention logit scale: sqrt (1/sqrt(d)) | mup (1/d)"),
+    ("mlp_context", pa.int64(), "MLP proxy: previous tokens seen"),
+    ("data", pa.string(), "data source (corpus:stdlib, text:PATH, shards:GLOB)"),
+    ("data_fingerprint", pa.string(), "hash of the data's bytes"),
+    ("vocab_size", pa.int64(), "vocabulary size"),
+    ("batch_size", pa.int64(), "sequences per step"),
+    ("steps", pa.int64(), "planned optimizer steps"),
+    ("tokens", pa.int64(), "planned training tokens = steps * batch_size * seq_len"),
+    ("schedule", pa.string(), "lr schedule: constant | linear | cosine"),
+    ("warmup", pa.float64(), "warm-up, fraction of steps"),
+    ("warmdown", pa.float64(), "linear decay to 0 over this final fraction of steps"),
+    ("grad_clip", pa.float64(), "global gradient-norm clip (0 = off)"),
+    ("log_every", pa.int64(), "steps between rows of the steps table"),
+    ("eval_every", pa.int64(), "steps between validation losses"),
+    ("eval_batches", pa.int64(), "batches per validation loss"),
+    ("coord_check", pa.int64(), "steps of coord-check data recorded (0 = none)"),
+    ("seed", pa.int64(), "seed of initialisation and batch order"),
+    ("optimizer", pa.string(), "optimizer name (sweeper.optim registry)"),
+    ("lr", pa.float64(), "base learning rate"),
+    ("lr_input", pa.float64(), "lr multiplier of the input layer"),
+    ("lr_hidden", pa.float64(), "lr multiplier of hidden matrices"),
+    ("lr_output", pa.float64(), "lr multiplier of the output layer"),
+    ("lr_vector", pa.float64(), "lr multiplier of vectors (gains, biases)"),
+    ("hparams", pa.string(), "other optimizer settings, JSON with sorted keys"),
+    ("n_params", pa.int64(), "parameters of the model"),
+    ("steps_done", pa.int64(), "steps actually taken (fewer if diverged or failed)"),
+    ("tokens_seen", pa.int64(), "training tokens actually consumed"),
+    ("initial_loss", pa.float64(), "train loss at step 0, nats/token"),
+    ("final_train_loss", pa.float64(), "train loss at the last step, nats/token (null if diverged)"),
+    ("final_val_loss", pa.float64(), "validation loss after the last step, nats/token"),
+    ("best_val_loss", pa.float64(), "lowest validation loss seen, nats/token"),
+    ("out_rms_to_inf", pa.float64(), "output layer rms->inf norm after the last step"),
+    ("hidden_rms_to_rms", pa.float64(), "largest hidden-layer rms->rms norm after the last step"),
+    ("in_l1_to_rms", pa.float64(), "input layer l1->rms norm after the last step"),
+    ("wall_time_s", pa.float64(), "seconds the trial ran, set-up included"),
+    ("train_time_s", pa.float64(), "seconds spent in training steps"),
+    ("device", pa.string(), "where it ran, e.g. cpu or cuda:NVIDIA H100"),
+    ("host", pa.string(), "machine name"),
+    ("started_at", pa.timestamp("us", tz="UTC"), "start time"),
+    ("finished_at", pa.timestamp("us", tz="UTC"), "end time"),
+    ("error", pa.string(), "why it failed or diverged (null when completed)"),
+    ("spec", pa.string(), "the whole TrialSpec as JSON"),
+]
+
+STEPS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("trial_id", pa.string(), "the trial (trials.trial_id)"),
+    ("step", pa.int64(), "optimizer steps taken"),
+    ("tokens", pa.int64(), "training tokens consumed"),
+    ("train_loss", pa.float64(), "mean train loss over the steps since the last row, nats/token"),
+    ("val_loss", pa.float64(), "validation loss at this step, nats/token (null if not evaluated)"),
+    ("lr", pa.float64(), "scheduled base lr at this step"),
+    ("elapsed_s", pa.float64(), "seconds of training so far (evaluation excluded)"),
+    ("tokens_per_s", pa.float64(), "training throughput since the last row"),
+    ("out_rms_to_inf", pa.float64(), "output layer rms->inf norm of the weights"),
+    ("hidden_rms_to_rms", pa.float64(), "largest hidden rms->rms norm of the weights"),
+    ("in_l1_to_rms", pa.float64(), "input layer l1->rms norm of the weights"),
+    ("upd_out_rms_to_inf", pa.float64(), "same norm of the output layer's last update"),
+    ("upd_hidden_rms_to_rms", pa.float64(), "largest hidden rms->rms norm of the last update"),
+    ("upd_in_l1_to_rms", pa.float64(), "input layer l1->rms norm of the last update"),
+]
+
+COORD_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("trial_id", pa.string(), "the trial (trials.trial_id)"),
+    ("step", pa.int64(), "optimizer steps taken before the measurement"),
+    ("layer_index", pa.int64(), "position of the layer from input to output"),
+    ("layer", pa.string(), "layer name"),
+    ("mean_abs", pa.float64(), "mean |activation| of the layer's output on the fixed batch"),
+]
+
+
+def _schema(columns: list[tuple[str, pa.DataType, str]]) -> pa.Schema:
+    return pa.schema(
+        [pa.field(name, typ, metadata={"doc": doc}) for name, typ, doc in columns],
+        metadata={"sweeper_store_version": str(STORE_VERSION)},
+    )
+
+
+TRIALS_SCHEMA = _schema(TRIALS_COLUMNS)
+STEPS_SCHEMA = _schema(STEPS_COLUMNS)
+COORD_SCHEMA = _schema(COORD_COLUMNS)
+TABLES = {"trials": TRIALS_SCHEMA, "steps": STEPS_SCHEMA, "coord": COORD_SCHEMA}
+
+STATUSES = ("completed", "diverged", "failed")
+
+
+@dataclass
+class TrialResult:
+    """What one trial hands to the store: a summary and its rows."""
+
+    status: str
+    summary: dict[str, Any] = field(default_factory=dict)  # TRIALS columns beyond the spec's
+    steps: list[dict[str, Any]] = field(default_factory=list)  # STEPS rows without trial_id
+    coord: list[dict[str, Any]] = field(default_factory=list)  # COORD rows without trial_id
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def trial_row(spec: Any, result: TrialResult) -> dict[str, Any]:
+    """Flatten a TrialSpec and its result into one TRIALS row."""
+    cfg = spec.model_dump(mode="json")
+    row: dict[str, Any] = {name: None for name, _, _ in TRIALS_COLUMNS}
+    for name in row:
+        if name in cfg:
+            row[name] = cfg[name]
+    row.update(
+        trial_id=spec.trial_id,
+        store_version=STORE_VERSION,
+        status=result.status,
+        data=spec.data.describe(),
+        tokens=spec.tokens,
+        hparams=json.dumps(spec.hparams, sort_keys=True),
+        host=socket.gethostname(),
+        spec=spec.model_dump_json(),
+    )
+    unknown = set(result.summary) - set(row)
+    if unknown:
+        raise ValueError(f"summary has fields the store does not know: {sorted(unknown)}")
+    row.update(result.summary)
+    if result.status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, got {result.status!r}")
+    for key in ("started_at", "finished_at"):
+        if row[key] is None:
+            row[key] = _now()
+    return row
+
+
+class Store:
+    """One sweep's folder of Parquet tables. `root` is a local path or a pyarrow URI (s3://...)."""
+
+    def __init__(self, root: str | Path, name: str):
+        root = str(root)
+        if "://" in root:
+            self.fs, base = pafs.FileSystem.from_uri(root)
+        else:
+            self.fs, base = pafs.LocalFileSystem(), str(Path(root).resolve())
+        self.root = root
+        self.name = name
+        self.path = f"{base.rstrip('/')}/{name}"
+
+    def __repr__(self) -> str:
+        return f"Store({self.path!r})"
+
+    def _dir(self, table: str) -> str:
+        return f"{self.path}/{table}"
+
+    def _write_atomic(self, table: str, file_name: str, tbl: pa.Table) -> None:
+        directory = self._dir(table)
+        self.fs.create_dir(directory, recursive=True)
+        tmp = f"{directory}/.tmp-{uuid.uuid4().hex}.parquet"
+        pq.write_table(tbl, tmp, filesystem=self.fs)
+        self.fs.move(tmp, f"{directory}/{file_name}")
+
+    # ----------------------------------------------------------------------- writing
+
+    def prepare(self, grid_text: str | None = None) -> None:
+        """Create the folder, drop what an interrupted run left half-written, keep the grid file.
+
+        Call from the one controller of a sweep before it starts trials.
+        """
+        self.fs.create_dir(self.path, recursive=True)
+        finished = {f"{i}.parquet" for i in self.trial_ids()}
+        for table in TABLES:
+            for info in self._files(table, include_hidden=True):
+                if info.base_name.startswith(".tmp-") or (
+                    table != "trials" and info.base_name not in finished
+                ):
+                    self.fs.delete_file(info.path)
+        if grid_text is not None:
+            import hashlib
+
+            digest = hashlib.sha256(grid_text.encode()).hexdigest()[:12]
+            self.fs.create_dir(f"{self.path}/grid-history", recursive=True)
+            for target in (f"{self.path}/grid.yaml", f"{self.path}/grid-history/{digest}.yaml"):
+                with self.fs.open_output_stream(target) as out:
+                    out.write(grid_text.encode())
+
+    def write_trial(self, spec: Any, result: TrialResult) -> None:
+        """Store one trial atomically; a trial stored before under the same id is replaced."""
+        tid = spec.trial_id
+        row = trial_row(spec, result)
+        steps = [{"trial_id": tid, **r} for r in result.steps]
+        coord = [{"trial_id": tid, **r} for r in result.coord]
+        self._write_atomic("steps", f"{tid}.parquet", pa.Table.from_pylist(steps, STEPS_SCHEMA))
+        if coord:
+            self._write_atomic("coord", f"{tid}.parquet", pa.Table.from_pylist(coord, COORD_SCHEMA))
+        self._write_atomic("trials", f"{tid}.parquet", pa.Table.from_pylist([row], TRIALS_SCHEMA))
+
+    # ----------------------------------------------------------------------- reading
+
+    def _files(self, table: str, include_hidden: bool = False) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(self._dir(table), allow_not_found=True)
+        return [
+            f
+            for f in self.fs.get_file_info(selector)
+            if f.type == pafs.FileType.File
+            and (include_hidden or not f.base_name.startswith((".", "_")))
+        ]
+
+    def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
+        """A whole table (empty, with the right columns, when nothing is stored yet)."""
+        schema = TABLES[table]
+        files = [f.path for f in self._files(table)]
+        if not files:
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=self.fs)
+        return dataset.to_table(columns=columns)
+
+    def trial_ids(self) -> set[str]:
+        return {f.base_name.removesuffix(".parquet") for f in self._files("trials")}
+
+    def finished_ids(self) -> set[str]:
+        """Trials that need not run again: completed or diverged (failed ones are retried)."""
+        tbl = self.read("trials", ["trial_id", "status"])
+        return {
+            tid
+            for tid, status in zip(tbl["trial_id"].to_pylist(), tbl["status"].to_pylist(), strict=True)
+            if status != "failed"
+        }
