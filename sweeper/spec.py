@@ -185,7 +185,10 @@ class OptimizerAxis(_Strict):
 
     def settings(self) -> dict[str, list[Scalar]]:
         """Every setting other than lr as a list of values (an axis)."""
-        out = {k: _as_list(getattr(self, k)) for k in ("lr_input", "lr_hidden", "lr_output", "lr_vector")}
+        out = {
+            k: _as_list(getattr(self, k))
+            for k in ("lr_input", "lr_hidden", "lr_output", "lr_vector")
+        }
         out.update({k: _as_list(v) for k, v in sorted((self.model_extra or {}).items())})
         return out
 
@@ -206,7 +209,9 @@ class Grid(_Strict):
     def _known(cls, v: dict[str, OptimizerAxis]) -> dict[str, OptimizerAxis]:
         unknown = [name for name in v if name not in OPTIMIZERS]
         if unknown:
-            raise ValueError(f"unknown optimizer {unknown[0]!r}; choose from {', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown optimizer {unknown[0]!r}; choose from {', '.join(OPTIMIZERS)}"
+            )
         return v
 
 
@@ -362,7 +367,9 @@ def expand(spec: SweepSpec, data_fingerprint: str) -> list[TrialSpec]:
             list(_optimizer_points(axis)),
         ):
             point = dict(point)  # the same point recurs across widths, seeds, ...
-            role_lrs = {k: point.pop(k) for k in ("lr_input", "lr_hidden", "lr_output", "lr_vector")}
+            role_lrs = {
+                k: point.pop(k) for k in ("lr_input", "lr_hidden", "lr_output", "lr_vector")
+            }
             lr = point.pop("lr")
             attn = m.attn_scale
             if attn == "auto":

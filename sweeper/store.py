@@ -71,7 +71,11 @@ TRIALS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("steps_done", pa.int64(), "steps actually taken (fewer if diverged or failed)"),
     ("tokens_seen", pa.int64(), "training tokens actually consumed"),
     ("initial_loss", pa.float64(), "train loss at step 0, nats/token"),
-    ("final_train_loss", pa.float64(), "train loss at the last step, nats/token (null if diverged)"),
+    (
+        "final_train_loss",
+        pa.float64(),
+        "train loss at the last step, nats/token (null if diverged)",
+    ),
     ("final_val_loss", pa.float64(), "validation loss after the last step, nats/token"),
     ("best_val_loss", pa.float64(), "lowest validation loss seen, nats/token"),
     ("out_rms_to_inf", pa.float64(), "output layer rms->inf norm after the last step"),
@@ -260,6 +264,8 @@ class Store:
         tbl = self.read("trials", ["trial_id", "status"])
         return {
             tid
-            for tid, status in zip(tbl["trial_id"].to_pylist(), tbl["status"].to_pylist(), strict=True)
+            for tid, status in zip(
+                tbl["trial_id"].to_pylist(), tbl["status"].to_pylist(), strict=True
+            )
             if status != "failed"
         }

@@ -1,0 +1,280 @@
+"""The `sweep` command: run a grid, see where it stands, analyse and report it.
+
+Bad input (grid file, data, resources) gives one message and exit code 2; a sweep with failed
+trials exits 1; an interrupted one exits 130 and resumes when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sweeper.spec import SpecError, SweepSpec, TrialSpec, load_spec
+
+app = typer.Typer(
+    help="Hyperparameter-transfer sweeps: grid file -> Ray Tune -> Parquet store -> report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _load(grid: Path) -> SweepSpec:
+    try:
+        return load_spec(grid)
+    except SpecError as err:
+        _fail(str(err))
+
+
+def _cells_table(trials: list[TrialSpec], finished: set[str]) -> Table:
+    """One row per cell (everything but lr and seed), with its lr range and progress."""
+    cells: dict[tuple, list[TrialSpec]] = defaultdict(list)
+    for t in trials:
+        key = (
+            t.optimizer,
+            t.model,
+            t.width,
+            t.depth,
+            t.batch_size,
+            t.steps,
+            t.lr_input,
+            t.lr_hidden,
+            t.lr_output,
+            t.lr_vector,
+            tuple(sorted(t.hparams.items())),
+        )
+        cells[key].append(t)
+    table = Table(title=f"{len(cells)} cells, {len(trials)} trials")
+    for col in (
+        "optimizer",
+        "model",
+        "width",
+        "depth",
+        "batch",
+        "steps",
+        "tokens",
+        "settings",
+        "log2 lr",
+        "seeds",
+        "trials",
+        "stored",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("optimizer", "model", "settings") else "right"
+        )
+    for (opt, model, width, depth, batch, steps, *mults, hp), group in cells.items():
+        lrs = sorted({math.log2(t.lr) for t in group})
+        settings = [f"{k}={v}" for k, v in hp]
+        settings += [
+            f"{n}={m:g}"
+            for n, m in zip(("lr_in", "lr_hid", "lr_out", "lr_vec"), mults, strict=True)
+            if m != 1.0
+        ]
+        lr_text = f"{lrs[0]:g}" if len(lrs) == 1 else f"{lrs[0]:g}..{lrs[-1]:g} ({len(lrs)})"
+        table.add_row(
+            opt,
+            model,
+            str(width),
+            str(depth),
+            str(batch),
+            str(steps),
+            f"{group[0].tokens:,}",
+            " ".join(settings),
+            lr_text,
+            str(len({t.seed for t in group})),
+            str(len(group)),
+            str(sum(t.trial_id in finished for t in group)),
+        )
+    return table
+
+
+@app.command()
+def run(
+    grid: Annotated[Path, typer.Argument(help="The grid file (YAML).")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the trials; run nothing.")
+    ] = False,
+    executor: Annotated[
+        str, typer.Option(help="ray (default) or local: sequential, in this process, no Ray.")
+    ] = "ray",
+    address: Annotated[
+        str | None,
+        typer.Option(help="Attach to an existing Ray cluster: auto or HOST:PORT (or RAY_ADDRESS)."),
+    ] = None,
+    num_cpus: Annotated[
+        int | None, typer.Option(help="CPUs of the local Ray instance (default: all).", min=1)
+    ] = None,
+    dashboard: Annotated[
+        bool, typer.Option("--dashboard", help="Start the local Ray instance with its dashboard.")
+    ] = False,
+    dashboard_host: Annotated[
+        str,
+        typer.Option(help="Address the dashboard binds to; beyond loopback only if you say so."),
+    ] = "127.0.0.1",
+    results: Annotated[
+        str | None, typer.Option(help="Results root, overriding the grid file's `results`.")
+    ] = None,
+) -> None:
+    """Run every trial of GRID not yet in its store; safe to re-run, it resumes."""
+    from sweeper.orchestrate import SweepError, plan, run_sweep
+    from sweeper.progress import SweepProgress
+
+    if executor not in ("ray", "local"):
+        _fail(f"--executor must be ray or local, got {executor!r}")
+    spec = _load(grid)
+    try:
+        p = plan(spec, results)
+    except SweepError as err:
+        _fail(str(err))
+    finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
+    if dry_run:
+        console.print(_cells_table(p.trials, finished))
+        console.print(
+            f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run -> {p.store.path}"
+        )
+        return
+
+    p.store.prepare(grid.read_text())
+    console.print(
+        f"[bold]{spec.name}[/]: {len(p.trials)} trials, {p.done} already stored, "
+        f"{len(p.todo)} to run -> {p.store.path}"
+    )
+
+    def announce(url: str | None) -> None:
+        if url:
+            console.print(f"Ray dashboard: {url}")
+
+    try:
+        with SweepProgress(spec.name, len(p.trials), p.done, console) as progress:
+            run_sweep(
+                p,
+                progress,
+                executor,  # type: ignore[arg-type]
+                **(
+                    {}
+                    if executor == "local"
+                    else {
+                        "address": address,
+                        "num_cpus": num_cpus,
+                        "dashboard": dashboard,
+                        "dashboard_host": dashboard_host,
+                        "on_ready": announce,
+                    }
+                ),
+            )
+    except SweepError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        err_console.print(
+            f"[yellow]interrupted[/]: {len(p.store.trial_ids())} trials stored; "
+            "run the same command again to finish the sweep"
+        )
+        raise typer.Exit(130) from None
+
+    counts = Counter(p.store.read("trials", ["status"])["status"].to_pylist())
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("completed", "diverged", "failed"))
+    console.print(f"done: {summary}. Report: sweep report {p.store.path}")
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    target: Annotated[Path, typer.Argument(help="A grid file, or a sweep's results folder.")],
+) -> None:
+    """How many trials are stored, by status, and (for a grid file) how many are left."""
+    from sweeper.store import Store
+
+    if target.is_file():
+        from sweeper.orchestrate import SweepError, plan
+
+        spec = _load(target)
+        try:
+            p = plan(spec)
+        except SweepError as err:
+            _fail(str(err))
+        store, left = p.store, f", {len(p.todo)} of {len(p.trials)} left to run"
+    elif (target / "trials").is_dir():
+        store, left = Store(target.parent, target.name), ""
+    else:
+        _fail(f"{target}: neither a grid file nor a sweep folder (one holding trials/)")
+    counts = Counter(store.read("trials", ["status"])["status"].to_pylist())
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("completed", "diverged", "failed"))
+    console.print(f"{store.path}: {sum(counts.values())} stored ({summary}){left}")
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="A sweep's folder, or a root holding several.")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder.")] = None,
+    metric: Annotated[
+        str, typer.Option(help="final_val, smoothed_train or last_frac.")
+    ] = "final_val",
+    predict_width: Annotated[
+        int | None, typer.Option(help="Predict the optimal lr at this width.", min=1)
+    ] = None,
+) -> None:
+    """Write report.html, its figures and fits.json."""
+    from analysis.report import write_report
+
+    from analysis import AnalysisError
+
+    try:
+        path = write_report(results, out, metric=metric, predict_width=predict_width)
+    except AnalysisError as err:
+        _fail(str(err))
+    console.print(f"report: {path}")
+
+
+@app.command()
+def analyze(
+    results: Annotated[Path, typer.Argument(help="A sweep's folder, or a root holding several.")],
+    metric: Annotated[
+        str, typer.Option(help="final_val, smoothed_train or last_frac.")
+    ] = "final_val",
+    predict_width: Annotated[
+        int | None, typer.Option(help="Predict the optimal lr at this width.", min=1)
+    ] = None,
+) -> None:
+    """Print the optimal-lr and transfer tables."""
+    from analysis.report import print_summary
+
+    from analysis import AnalysisError
+
+    try:
+        print_summary(results, metric=metric, predict_width=predict_width, console=console)
+    except AnalysisError as err:
+        _fail(str(err))
+
+
+@app.command()
+def schema() -> None:
+    """Print the store's tables, column by column."""
+    from sweeper.store import STORE_VERSION, TABLES
+
+    for name, sch in TABLES.items():
+        table = Table(title=f"{name} (store version {STORE_VERSION})")
+        for col in ("column", "type", "meaning"):
+            table.add_column(col)
+        for f in sch:
+            table.add_row(f.name, str(f.type), f.metadata[b"doc"].decode())
+        console.print(table)
+
+
+if __name__ == "__main__":
+    app()

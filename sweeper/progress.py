@@ -1,0 +1,105 @@
+"""The sweep's progress: one bar for the whole sweep and one line per finished trial."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from sweeper.spec import TrialSpec
+
+
+def describe(trial: TrialSpec) -> str:
+    """A short label of what varies between trials."""
+    lr = f"2^{math.log2(trial.lr):.1f}" if trial.lr > 0 else str(trial.lr)
+    extra = " ".join(f"{k}={v}" for k, v in trial.hparams.items())
+    return (
+        f"{trial.optimizer} w={trial.width} d={trial.depth} B={trial.batch_size} "
+        f"steps={trial.steps} lr={lr} seed={trial.seed}" + (f" {extra}" if extra else "")
+    )
+
+
+class SweepProgress:
+    """Counts trials by state and draws them; the executors call started/row/finished."""
+
+    def __init__(self, name: str, total: int, already_done: int, console: Console):
+        self.console = console
+        self.counts: Counter[str] = Counter()
+        self.running: dict[str, float] = {}
+        self.total = total
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[counts]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._task = self._progress.add_task(name, total=total, completed=already_done, counts="")
+        self._refresh()
+
+    def __enter__(self) -> SweepProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def _refresh(self) -> None:
+        c = self.counts
+        text = (
+            f"running {len(self.running)}  completed {c['completed']}  "
+            f"diverged {c['diverged']}  failed {c['failed']}"
+        )
+        self._progress.update(self._task, counts=text)
+
+    def started(self, trial: TrialSpec) -> None:
+        self.running[trial.trial_id] = time.monotonic()
+        self._refresh()
+
+    def row(self, trial: TrialSpec, row: dict[str, Any]) -> None:
+        """Live rows are for Ray's dashboard; the bar only needs to know the trial runs."""
+        if trial.trial_id not in self.running:
+            self.started(trial)
+
+    def finished(self, trial: TrialSpec, status: str) -> None:
+        began = self.running.pop(trial.trial_id, time.monotonic())
+        self.counts[status] += 1
+        self._progress.advance(self._task)
+        colour = {"completed": "green", "diverged": "yellow"}.get(status, "red")
+        self.console.print(
+            f"[{colour}]{status:>9}[/] {describe(trial)}  ({time.monotonic() - began:.1f} s)",
+            highlight=False,
+        )
+        self._refresh()
+
+    def retried(self, trial: TrialSpec) -> None:
+        self.console.print(f"[red]    retry[/] {describe(trial)}", highlight=False)
+
+    def tune_callback(self, by_id: dict[str, TrialSpec], trial_id: Callable[[Any], str]) -> Any:
+        """A Ray Tune callback feeding this progress from the controller's events."""
+        from ray import tune
+
+        progress = self
+
+        class _Callback(tune.Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
+                progress.started(by_id[trial_id(trial)])
+
+            def on_trial_recover(self, iteration, trials, trial, **info):  # noqa: ANN001
+                progress.retried(by_id[trial_id(trial)])
+
+            def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
+                status = (trial.last_result or {}).get("sweeper_status", "completed")
+                progress.finished(by_id[trial_id(trial)], status)
+
+            def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
+                progress.finished(by_id[trial_id(trial)], "failed")
+
+        return _Callback()
