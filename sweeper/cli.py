@@ -23,8 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_BAD_INPUT = 2
 
@@ -186,8 +186,16 @@ def run(
         )
         raise typer.Exit(130) from None
 
-    counts = Counter(p.store.read("trials", ["status"])["status"].to_pylist())
+    stored = p.store.read("trials", ["trial_id", "status"]).to_pydict()
+    status_of = dict(zip(stored["trial_id"], stored["status"], strict=True))
+    counts = Counter(status_of.get(t.trial_id, "not run") for t in p.trials)
     summary = ", ".join(f"{counts[s]} {s}" for s in ("completed", "diverged", "failed"))
+    if counts["not run"]:
+        err_console.print(
+            f"[yellow]stopped early[/]: {summary}, {counts['not run']} not run yet; "
+            "run the same command again to finish the sweep"
+        )
+        raise typer.Exit(130)
     console.print(f"done: {summary}. Report: sweep report {p.store.path}")
     if counts["failed"]:
         raise typer.Exit(1)

@@ -7,6 +7,7 @@ results through the same `execute_trial`, so the store never depends on the exec
 
 from __future__ import annotations
 
+import logging
 import os
 import traceback
 from collections.abc import Callable
@@ -142,6 +143,11 @@ def _ray_init(address: str | None, num_cpus: int | None, dashboard: bool, dashbo
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_DISABLE_DATED_SUBDIR", "1")
+    # Tune's own console output would interleave with the sweep's progress; errors still
+    # reach the user through the progress lines and the store.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
@@ -150,13 +156,13 @@ def _ray_init(address: str | None, num_cpus: int | None, dashboard: bool, dashbo
                     "--num-cpus and --dashboard size and start a local Ray instance; "
                     "they cannot apply to an existing cluster (--address / RAY_ADDRESS)"
                 )
-            ctx = ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            ctx = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         else:
             ctx = ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=dashboard,
                 dashboard_host=dashboard_host,
-                logging_level="WARNING",
+                logging_level="ERROR",
                 log_to_driver=False,
             )
     except ConnectionError as err:
@@ -223,6 +229,8 @@ def run_ray(
             param_space=space,
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=p.spec.execution.max_concurrent,
+                # One worker process serves trial after trial: no torch import per trial.
+                reuse_actors=True,
                 trial_name_creator=trial_id,
                 trial_dirname_creator=trial_id,
             ),

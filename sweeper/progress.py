@@ -6,6 +6,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -22,6 +23,15 @@ def describe(trial: TrialSpec) -> str:
         f"{trial.optimizer} w={trial.width} d={trial.depth} B={trial.batch_size} "
         f"steps={trial.steps} lr={lr} seed={trial.seed}" + (f" {extra}" if extra else "")
     )
+
+
+def _last_line(path: str | None) -> str:
+    """The exception line at the end of a traceback file, if there is one."""
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return ""
+    return lines[-1].strip() if lines else ""
 
 
 class SweepProgress:
@@ -68,13 +78,14 @@ class SweepProgress:
         if trial.trial_id not in self.running:
             self.started(trial)
 
-    def finished(self, trial: TrialSpec, status: str) -> None:
+    def finished(self, trial: TrialSpec, status: str, note: str = "") -> None:
         began = self.running.pop(trial.trial_id, time.monotonic())
         self.counts[status] += 1
         self._progress.advance(self._task)
         colour = {"completed": "green", "diverged": "yellow"}.get(status, "red")
         self.console.print(
-            f"[{colour}]{status:>9}[/] {describe(trial)}  ({time.monotonic() - began:.1f} s)",
+            f"[{colour}]{status:>9}[/] {describe(trial)}  ({time.monotonic() - began:.1f} s)"
+            + (f"  {note}" if note else ""),
             highlight=False,
         )
         self._refresh()
@@ -86,20 +97,33 @@ class SweepProgress:
         """A Ray Tune callback feeding this progress from the controller's events."""
         from ray import tune
 
-        progress = self
-
         class _Callback(tune.Callback):
+            def __init__(self, progress: SweepProgress):
+                self.progress = progress
+
+            def __getstate__(self) -> dict:
+                # Tune pickles its callbacks with the experiment state; a console can't be
+                # pickled, and a restored experiment draws no progress anyway.
+                return {"progress": None}
+
+            def _trial(self, trial: Any) -> TrialSpec | None:
+                return by_id.get(trial_id(trial)) if self.progress else None
+
             def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
-                progress.started(by_id[trial_id(trial)])
+                if spec := self._trial(trial):
+                    self.progress.started(spec)
 
             def on_trial_recover(self, iteration, trials, trial, **info):  # noqa: ANN001
-                progress.retried(by_id[trial_id(trial)])
+                if spec := self._trial(trial):
+                    self.progress.retried(spec)
 
             def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-                status = (trial.last_result or {}).get("sweeper_status", "completed")
-                progress.finished(by_id[trial_id(trial)], status)
+                if spec := self._trial(trial):
+                    status = (trial.last_result or {}).get("sweeper_status", "completed")
+                    self.progress.finished(spec, status)
 
             def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-                progress.finished(by_id[trial_id(trial)], "failed")
+                if spec := self._trial(trial):
+                    self.progress.finished(spec, "failed", _last_line(trial.error_file))
 
-        return _Callback()
+        return _Callback(self)
