@@ -138,7 +138,7 @@ def run(
         _fail(f"--executor must be ray or local, got {executor!r}")
     spec = _load(grid)
     try:
-        p = plan(spec, results)
+        p = plan(spec, results, allow_missing_data=dry_run)
     except SweepError as err:
         _fail(str(err))
     finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
@@ -147,6 +147,8 @@ def run(
         console.print(
             f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run -> {p.store.path}"
         )
+        if p.data_error:
+            err_console.print(f"[yellow]warning:[/] data: {p.data_error} (needed to run)")
         return
 
     p.store.prepare(grid.read_text())

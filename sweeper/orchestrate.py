@@ -32,6 +32,7 @@ class Plan:
     store: Store
     trials: list[TrialSpec]  # the whole grid
     todo: list[TrialSpec]  # not finished in the store yet
+    data_error: str | None = None  # set only when planned with allow_missing_data
 
     @property
     def done(self) -> int:
@@ -52,19 +53,27 @@ def check_optimizer_settings(spec: SweepSpec) -> None:
                 )
 
 
-def plan(spec: SweepSpec, results: str | None = None) -> Plan:
-    """Expand the grid and subtract what the store already holds. Writes nothing."""
+def plan(spec: SweepSpec, results: str | None = None, *, allow_missing_data: bool = False) -> Plan:
+    """Expand the grid and subtract what the store already holds. Writes nothing.
+
+    With allow_missing_data (a dry run), data that is not there yet is reported in
+    `data_error` instead of refused; the trial ids are then provisional.
+    """
     from sweeper.data import DataError, fingerprint
 
     check_optimizer_settings(spec)
+    data_error = None
     try:
         data_fp = fingerprint(spec.data)
     except (DataError, OSError) as err:
-        raise SweepError(f"data: {err}") from None
+        if not allow_missing_data:
+            raise SweepError(f"data: {err}") from None
+        data_fp, data_error = "missing", str(err)
     store = Store(results or spec.results, spec.name)
     trials = expand(spec, data_fp)
     finished = store.finished_ids()
-    return Plan(spec, store, trials, [t for t in trials if t.trial_id not in finished])
+    todo = [t for t in trials if t.trial_id not in finished]
+    return Plan(spec, store, trials, todo, data_error)
 
 
 # --------------------------------------------------------------------------- one trial
@@ -158,7 +167,9 @@ def _ray_init(address: str | None, num_cpus: int | None, dashboard: bool, dashbo
                 )
             ctx = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         else:
+            # "local": always a new instance, never one that `ray start` left running.
             ctx = ray.init(
+                address="local",
                 num_cpus=num_cpus,
                 include_dashboard=dashboard,
                 dashboard_host=dashboard_host,
