@@ -146,42 +146,58 @@ def _trainable(config: dict[str, Any]) -> None:
     tune.report({"step": -1, "sweeper_status": status})
 
 
-def _ray_init(address: str | None, num_cpus: int | None, dashboard: bool, dashboard_host: str):
-    import ray
+def _send_token_if_there_is_one() -> None:
+    """Let a client attaching to a cluster present the auth token when one exists.
 
+    `ray start --head` turns token authentication on when a token already exists, but
+    `ray.init(address=...)` only sends it with RAY_AUTH_MODE=token (Ray 2.59-2.60; see
+    ray-project/ray#64755). A cluster without authentication ignores the token.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(os.path.expanduser(token_path)):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _ray_init(address: str | None, num_cpus: int | None, dashboard: bool, dashboard_host: str):
+    # Ray reads some of these when it is imported: set them first.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("TUNE_DISABLE_DATED_SUBDIR", "1")
     # Tune's own console output would interleave with the sweep's progress; errors still
     # reach the user through the progress lines and the store.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        if num_cpus is not None or dashboard:
+            raise SweepError(
+                "--num-cpus and --dashboard size and start a local Ray instance; "
+                "they cannot apply to an existing cluster (--address / RAY_ADDRESS)"
+            )
+        _send_token_if_there_is_one()
+
+    import ray
+
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    address = address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
-            if num_cpus is not None or dashboard:
-                raise SweepError(
-                    "--num-cpus and --dashboard size and start a local Ray instance; "
-                    "they cannot apply to an existing cluster (--address / RAY_ADDRESS)"
-                )
-            ctx = ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        else:
-            # "local": always a new instance, never one that `ray start` left running.
-            ctx = ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                include_dashboard=dashboard,
-                dashboard_host=dashboard_host,
-                logging_level="ERROR",
-                log_to_driver=False,
-            )
+            return ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        # "local": always a new instance, never one that `ray start` left running.
+        return ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host=dashboard_host,
+            logging_level="ERROR",
+            log_to_driver=False,
+        )
     except ConnectionError as err:
         raise SweepError(
             f"cannot reach a Ray cluster at {address!r} ({err}). Start one with "
             "`ray start --head` or leave out --address / RAY_ADDRESS to run locally."
         ) from None
-    return ctx
 
 
 def check_resources(per_trial: dict[str, float], nodes: list[dict[str, float]]) -> None:
@@ -210,10 +226,10 @@ def run_ray(
     dashboard_host: str = "127.0.0.1",
     on_ready: Callable[[str | None], None] | None = None,
 ) -> None:
+    ctx = _ray_init(address, num_cpus, dashboard, dashboard_host)
     import ray
     from ray import tune
 
-    ctx = _ray_init(address, num_cpus, dashboard, dashboard_host)
     try:
         res = p.spec.resources
         per_trial = {"cpu": res.cpu, "gpu": res.gpu}

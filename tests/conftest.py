@@ -24,7 +24,9 @@ def _free_port() -> int:
 def ray_address(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real Ray cluster on loopback (`ray start --head`), stopped after the session."""
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # token authentication on, as a user's cluster should have it
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True)
     subprocess.run(
         [
             str(BIN / "ray"),
