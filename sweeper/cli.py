@@ -129,6 +129,9 @@ def run(
     results: Annotated[
         str | None, typer.Option(help="Results root, overriding the grid file's `results`.")
     ] = None,
+    then_report: Annotated[
+        bool, typer.Option("--report", help="Write the sweep's report when it is done.")
+    ] = False,
 ) -> None:
     """Run every trial of GRID not yet in its store; safe to re-run, it resumes."""
     from sweeper.orchestrate import SweepError, plan, run_sweep
@@ -198,7 +201,11 @@ def run(
             "run the same command again to finish the sweep"
         )
         raise typer.Exit(130)
-    console.print(f"done: {summary}. Report: sweep report {p.store.path}")
+    console.print(f"done: {summary}.")
+    if then_report:
+        report(Path(p.store.path))
+    else:
+        console.print(f"Report: sweep report {p.store.path}")
     if counts["failed"]:
         raise typer.Exit(1)
 
@@ -240,9 +247,8 @@ def report(
     ] = None,
 ) -> None:
     """Write report.html, its figures and fits.json."""
-    from analysis.report import write_report
-
     from analysis import AnalysisError
+    from analysis.report import write_report
 
     try:
         path = write_report(results, out, metric=metric, predict_width=predict_width)
@@ -262,9 +268,8 @@ def analyze(
     ] = None,
 ) -> None:
     """Print the optimal-lr and transfer tables."""
-    from analysis.report import print_summary
-
     from analysis import AnalysisError
+    from analysis.report import print_summary
 
     try:
         print_summary(results, metric=metric, predict_width=predict_width, console=console)

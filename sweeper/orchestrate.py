@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from pyarrow.fs import LocalFileSystem
+
 from sweeper.progress import SweepProgress
 from sweeper.spec import SweepSpec, TrialSpec, expand
 from sweeper.store import Store, TrialResult
@@ -246,7 +248,9 @@ def run_ray(
             "results": p.store.root,
             "threads": max(1, int(res.cpu)),
         }
-        storage = p.store.path + "/_ray" if p.store.root.find("://") < 0 else None
+        # Tune's own experiment files stay beside the store on local disk (elsewhere they
+        # would go to ~/ray_results); nothing of the sweep depends on them.
+        storage = p.store.path + "/_ray" if isinstance(p.store.fs, LocalFileSystem) else None
 
         def trial_id(trial: Any) -> str:
             return TrialSpec.model_validate_json(trial.config["trial"]).trial_id

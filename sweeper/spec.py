@@ -291,6 +291,9 @@ class TrialSpec(_Strict):
     @property
     def trial_id(self) -> str:
         fields = self.model_dump(mode="json", exclude={"sweep", "device"})
+        # The data's identity is its fingerprint, not where it lies on one machine.
+        for key in ("text", "shards", "val_shards"):
+            fields["data"][key] = fields["data"][key] is not None
         fields["schema_version"] = SCHEMA_VERSION
         blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -332,7 +335,22 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SpecError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a text file") from None
-    return parse_spec(data, str(path))
+    return _absolute_paths(parse_spec(data, str(path)))
+
+
+def _absolute_paths(spec: SweepSpec) -> SweepSpec:
+    """Relative paths mean relative to where `sweep` runs; trials run in other folders."""
+
+    def absolute(p: str | None) -> str | None:
+        if p is None or "://" in p or Path(p).is_absolute():
+            return p
+        return str(Path.cwd() / p)
+
+    d = spec.data
+    data = d.model_copy(
+        update={k: absolute(getattr(d, k)) for k in ("text", "shards", "val_shards")}
+    )
+    return spec.model_copy(update={"data": data, "results": absolute(spec.results)})
 
 
 # --------------------------------------------------------------------------- expansion

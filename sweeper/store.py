@@ -183,8 +183,10 @@ class Store:
         if "://" in root:
             self.fs, base = pafs.FileSystem.from_uri(root)
         else:
-            self.fs, base = pafs.LocalFileSystem(), str(Path(root).resolve())
-        self.root = root
+            # absolute, so that workers running in other folders write to the same place
+            root = base = str(Path(root).resolve())
+            self.fs = pafs.LocalFileSystem()
+        self.root = root  # what a worker passes to Store() to reach the same folder
         self.name = name
         self.path = f"{base.rstrip('/')}/{name}"
 

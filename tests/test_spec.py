@@ -64,7 +64,7 @@ def test_trial_id_is_stable_and_ignores_the_sweep_name():
     b = expand(parse_spec(with_(name="other")), "fp")
     assert [t.trial_id for t in a] == [t.trial_id for t in b]
     # known value: changing it silently would re-run every stored sweep
-    assert a[0].trial_id == "7d7f297a8f2a525d"
+    assert a[0].trial_id == "309305c36f5be5b9"
     c = expand(parse_spec(BASE), "other-data")
     assert not {t.trial_id for t in a} & {t.trial_id for t in c}
 
@@ -120,3 +120,20 @@ def test_load_spec_errors(tmp_path):
     unsafe.write_text("name: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(unsafe)
+
+
+def test_relative_paths_are_made_absolute_and_ids_follow_the_data_not_its_path(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        "name: t\nresults: out\ndata: {text: corpus.txt}\ntrain: {steps: 1}\n"
+        "grid: {width: [32], optimizer: {adamw: {lr: 0.001}}}\n"
+    )
+    spec = load_spec(grid)
+    assert spec.results == str(tmp_path / "out")
+    assert spec.data.text == str(tmp_path / "corpus.txt")
+    moved = spec.model_copy(update={"data": spec.data.model_copy(update={"text": "/x/c.txt"})})
+    assert expand(spec, "fp")[0].trial_id == expand(moved, "fp")[0].trial_id
+    assert expand(spec, "fp")[0].trial_id != expand(spec, "other")[0].trial_id
