@@ -1,0 +1,125 @@
+"""How much of a sweep's wall time goes to anything but training steps.
+
+Runs the real `sweep run` on 16 CPU trials of about 20 s each (two at a time on a 2-core
+machine), then compares the sweep's wall time with the training time the trials report:
+
+    overhead = 1 - (sum of train_time_s / concurrent slots) / wall time
+
+"Outside training steps" counts Ray start-up, scheduling, worker start, data loading, model
+building, evaluation and writing the store. The target is at most 10% on 2 cores.
+
+    .venv/bin/python benchmarks/orchestration_overhead.py [--executor ray|local] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = Path(sys.executable).parent / "sweep"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def grid(results: Path, steps: int, slots: int) -> dict:
+    return {
+        "name": "overhead",
+        "results": str(results),
+        "model": {"kind": "gpt", "depth": 2, "seq_len": 64, "head_dim": 32},
+        "train": {"steps": steps, "log_every": 20, "eval_every": steps, "eval_batches": 2},
+        "grid": {
+            "width": [128],
+            "batch_size": [16],
+            "seed": [0, 1],
+            "optimizer": {"adamw": {"lr": {"log2": [-11, -4, 1]}}},  # 8 lrs x 2 seeds = 16
+        },
+        "resources": {"cpu": 1},
+        "execution": {"max_concurrent": slots, "retries": 0},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--executor", choices=["ray", "local"], default="ray")
+    parser.add_argument("--steps", type=int, default=500, help="steps per trial (~20 s at 500)")
+    parser.add_argument("--slots", type=int, default=2, help="trials at a time (ray only)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    slots = args.slots if args.executor == "ray" else 1
+
+    work = Path(tempfile.mkdtemp(prefix="sweeper-overhead-"))
+    grid_file = work / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid(work / "results", args.steps, slots)))
+    load_before = os.getloadavg()
+    cmd = [str(SWEEP), "run", str(grid_file), "--executor", args.executor]
+    if args.executor == "ray":
+        cmd += ["--num-cpus", str(slots)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+
+    trials = pd.read_parquet(work / "results" / "overhead" / "trials")
+    assert len(trials) == 16, f"expected 16 trials, stored {len(trials)}"
+    train = trials.train_time_s.sum() / slots
+    body = trials.wall_time_s.sum() / slots
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "executor": args.executor,
+        "slots": slots,
+        "trials": len(trials),
+        "steps_per_trial": args.steps,
+        "mean_trial_train_s": round(trials.train_time_s.mean(), 2),
+        "mean_trial_wall_s": round(trials.wall_time_s.mean(), 2),
+        "sweep_wall_s": round(wall, 1),
+        "overhead_outside_training_steps": round(1 - train / wall, 4),
+        "overhead_outside_trial_bodies": round(1 - body / wall, 4),
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "load_average_before": [round(x, 2) for x in load_before],
+    }
+    shutil.rmtree(work, ignore_errors=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"orchestration_overhead-{args.executor}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    met = "met" if result["overhead_outside_training_steps"] <= 0.10 else "NOT met"
+    stem.with_suffix(".md").write_text(
+        f"# Orchestration overhead ({args.executor} executor)\n\n"
+        f"`.venv/bin/python benchmarks/orchestration_overhead.py --executor {args.executor}`"
+        f" on {result['date']}.\n\n"
+        f"16 trials (GPT width 128, depth 2, batch 16 x 64 tokens, {args.steps} steps, "
+        f"mean {result['mean_trial_train_s']} s of training each), {slots} at a time.\n\n"
+        "| measure | value |\n| --- | --- |\n"
+        f"| sweep wall time | {result['sweep_wall_s']} s |\n"
+        f"| training steps per slot | {train:.1f} s |\n"
+        f"| trial bodies per slot (set-up, eval, writing included) | {body:.1f} s |\n"
+        f"| **outside training steps** | **{100 * result['overhead_outside_training_steps']:.1f}%**"
+        f" (target at most 10%: {met}) |\n"
+        f"| outside trial bodies (Ray start, scheduling) | "
+        f"{100 * result['overhead_outside_trial_bodies']:.1f}% |\n\n"
+        f"Machine: {result['machine']}. Load average before the run: "
+        f"{', '.join(map(str, result['load_average_before']))} (the cores may be shared with"
+        " other work).\n"
+    )
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Planning and resource checks, without starting Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from sweeper.orchestrate import SweepError, check_resources, plan
+from sweeper.spec import parse_spec
+from sweeper.store import TrialResult
+
+NODES = [{"CPU": 16.0, "GPU": 1.0}, {"CPU": 8.0}]
+
+
+def test_requests_that_some_node_meets_pass():
+    check_resources({"cpu": 16, "gpu": 0.25}, NODES)
+    check_resources({"cpu": 1, "gpu": 1}, NODES)
+
+
+@pytest.mark.parametrize(
+    ("request_", "words"),
+    [
+        ({"cpu": 1, "gpu": 2}, ["2 GPU", "largest has 1 GPU", "1 GPU in all"]),
+        ({"cpu": 32, "gpu": 0}, ["32 CPU", "largest has 16 CPU"]),
+    ],
+)
+def test_impossible_requests_are_refused_with_the_numbers(request_, words):
+    with pytest.raises(SweepError) as err:
+        check_resources(request_, NODES)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_gpu_on_a_cpu_only_cluster():
+    with pytest.raises(SweepError, match="0.25 GPU.*largest has 0 GPU"):
+        check_resources({"cpu": 1, "gpu": 0.25}, [{"CPU": 2.0}])
+
+
+def spec(tmp_path, **grid):
+    return parse_spec({
+        "name": "p",
+        "results": str(tmp_path),
+        "train": {"steps": 2},
+        "grid": {"width": [32], "optimizer": {"adamw": {"lr": [0.1, 0.01]}}, **grid},
+    })
+
+
+def test_plan_subtracts_finished_trials_but_not_failed_ones(tmp_path):
+    p = plan(spec(tmp_path))
+    assert len(p.trials) == len(p.todo) == 2
+    p.store.write_trial(p.trials[0], TrialResult("diverged"))
+    p.store.write_trial(p.trials[1], TrialResult("failed", {"error": "x"}))
+    again = plan(spec(tmp_path))
+    assert [t.trial_id for t in again.todo] == [p.trials[1].trial_id]
+
+
+def test_unknown_optimizer_setting_is_refused_before_anything_runs(tmp_path):
+    bad = spec(tmp_path, optimizer={"muon": {"lr": 0.02, "adam_lr": 1e-3, "nesterow": True}})
+    with pytest.raises(SweepError, match=r"grid.optimizer.muon.nesterow.*accepted: .*nesterov"):
+        plan(bad)
