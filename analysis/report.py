@@ -1,0 +1,769 @@
+"""The entry points: `write_report` (report.html + PNGs + fits.json) and `print_summary`.
+
+fits.json (JSON-clean: NaN and inf are written as null; lrs in log2 units, "octaves"):
+    version            format version of this file
+    meta               results path, sweeps, metric (+ description), generated_at, n_bootstrap,
+                       parabola_window, near_optimal_fraction, horizons (tokens), predict_width,
+                       timings_s
+    counts             trials by status (total, completed, diverged, failed, no_metric: completed
+                       without the chosen metric, diverged_in_fits), and by optimizer
+    varying            config columns that vary across the store, with their values
+    seed_spread        pooled seed-to-seed standard deviation of the loss, per optimizer and "*"
+    optima             one record per cell: config, lr grid, n_seeds / n_trials / n_diverged,
+                       argmin_log2_lr, log2_lr_star (parabola-refined), lr_star,
+                       log2_lr_star_ci (2.5/97.5 % bootstrap), loss_star, method (parabola |
+                       argmin | none), status (ok | edge | all_diverged | too_few_lrs), edge_side
+                       (low | high), interior_frac (share of resamples with an interior optimum),
+                       bootstrap (seeds | parametric | parametric-residual), seed_sigma,
+                       parabola {a, b, c, x_range} in log2 lr, near_optimal_log2_lr (0.25 %)
+    width_transfer     one record per family (cells equal but for width): sizes, per-size
+    depth_transfer     log2_lr_star / CI / status / used, status (ok | impossible) and reason,
+                       slope (octaves of lr* per doubling) with slope_ci, intercept, transfers
+                       (slope CI contains 0), drift (+ drift_ci) in octaves, penalty (nats) and
+                       penalty_rel, penalty_note, wider_is_better (+ wider_log2_lr,
+                       wider_losses), best_loss_falls, prediction {width, log2_lr, lr,
+                       log2_lr_ci, lr_ci, extrapolation}
+    norm_transfer      null without output norms; else fits (per config, horizon, batch size:
+                       log2_norm_opt with ci_lo/ci_hi, loss_opt, parabola a/b/c over
+                       x_lo..x_hi in log2 norm, n_points, weighted, bootstrap, status), best
+                       (per config and horizon: the batch size with the lowest loss),
+                       across_horizons, across_widths (mean/sd/min/max of the optimal norm),
+                       summary (per optimizer; consistent = sd <= 0.5 octave)
+    scaling            source (horizons | cells), lr_law (per config: terms a (log2 B),
+                       b (log2 D), c, each {value, se, ci}), batch_law (per config: per_horizon
+                       log2 B*, terms e and log2_k of B* = k D^e), optima (per config, B, D)
+    layer_lr           per family varying lr multipliers: best combination, its loss relative
+                       to all ones, every combination
+    figures            figure name -> PNG file name, or null when not drawn
+    notes, conclusions the report's remarks and plain-words conclusions
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from .load import METRIC_DESCRIPTIONS
+from .optimum import NEAR_OPTIMAL, WINDOW
+from .pipeline import Analysis, analyze
+from .plots import FIGURE_NEEDS, FIGURE_TITLES, PLOTS, figure_png
+from .transfer import TransferFit, headline
+
+FITS_VERSION = 1
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON values: NaN and inf become null, numpy and pandas scalars become Python."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, pd.DataFrame):
+        return [jsonable(r) for r in obj.to_dict(orient="records")]
+    if isinstance(obj, np.bool_ | bool):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, pd.Timestamp | datetime):
+        return obj.isoformat()
+    if obj is None or isinstance(obj, str | int):
+        return obj
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    return str(obj)
+
+
+def _optimum_record(row: pd.Series, varying: list[str]) -> dict[str, Any]:
+    return {
+        "cell": row["cell"],
+        "label": row["label"],
+        "config": {c: row[c] for c in varying},
+        "optimizer": row["optimizer"],
+        "width": row["width"],
+        "depth": row["depth"],
+        "batch_size": row["batch_size"],
+        "steps": row["steps"],
+        "tokens": row["tokens"],
+        "n_params": row["n_params"],
+        "n_lr": row["n_lr"],
+        "n_seeds": row["n_seeds"],
+        "n_trials": row["n_trials"],
+        "n_diverged": row["n_diverged"],
+        "log2_lr_grid": [row["log2_lr_min"], row["log2_lr_max"]],
+        "argmin_log2_lr": row["argmin_log2_lr"],
+        "log2_lr_star": row["log2_lr_star"],
+        "lr_star": row["lr_star"],
+        "log2_lr_star_ci": [row["ci_lo"], row["ci_hi"]],
+        "loss_star": row["loss_star"],
+        "method": row["method"],
+        "status": row["status"],
+        "edge_side": row["edge_side"],
+        "interior_frac": row["interior_frac"],
+        "bootstrap": row["bootstrap"],
+        "seed_sigma": row["seed_sigma"],
+        "parabola": {
+            "a": row["parabola_a"],
+            "b": row["parabola_b"],
+            "c": row["parabola_c"],
+            "x_range": [row["fit_lo"], row["fit_hi"]],
+        },
+        "near_optimal_log2_lr": [row["near_opt_lo"], row["near_opt_hi"]],
+    }
+
+
+def build_fits(an: Analysis, figures: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Every fitted number, JSON-clean (the keys are described in the module docstring)."""
+    res = an.results
+    table = an.optima.table
+    usable = res.usable
+    by_opt = {
+        str(o): {s: int(v) for s, v in g["status"].value_counts().items()}
+        for o, g in res.trials.groupby("optimizer")
+    }
+    nt = an.norm
+    fits = {
+        "version": FITS_VERSION,
+        "meta": {
+            "results": str(res.path),
+            "sweeps": res.sweeps,
+            "metric": res.metric,
+            "metric_description": METRIC_DESCRIPTIONS[res.metric],
+            "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "n_bootstrap": an.n_bootstrap,
+            "parabola_window": WINDOW,
+            "near_optimal_fraction": NEAR_OPTIMAL,
+            "horizons": an.horizons,
+            "predict_width": an.predict_width,
+            "timings_s": an.timings,
+        },
+        "counts": {**res.status_counts(), "by_optimizer": by_opt},
+        "varying": {c: sorted(usable[c].dropna().unique().tolist()) for c in res.varying},
+        "seed_spread": an.optima.seed_spread,
+        "optima": [_optimum_record(r, res.varying) for _, r in table.iterrows()],
+        "width_transfer": [f.to_dict() for f in an.width_transfer],
+        "depth_transfer": [f.to_dict() for f in an.depth_transfer],
+        "norm_transfer": None
+        if nt is None
+        else {
+            "fits": nt.fits,
+            "best": nt.best,
+            "across_horizons": nt.across_horizons,
+            "across_widths": nt.across_widths,
+            "summary": nt.summary,
+        },
+        "scaling": {
+            "source": an.scaling.source,
+            "lr_law": an.scaling.lr_law,
+            "batch_law": an.scaling.batch_law,
+            "optima": an.scaling.optima,
+        },
+        "layer_lr": an.layer_lr,
+        "figures": figures or {},
+        "notes": res.notes,
+        "conclusions": conclusions(an),
+    }
+    return jsonable(fits)
+
+
+# --------------------------------------------------------------------------- words
+
+
+def _fmt_ci(ci: list | None, fmt: str = "{:+.2f}") -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return "[no interval]"
+    return "[" + fmt.format(ci[0]) + ", " + fmt.format(ci[1]) + "]"
+
+
+def _lr(x: float) -> str:
+    return f"2^{x:.2f} = {2.0**x:.3g}"
+
+
+def transfer_sentence(f: TransferFit) -> str:
+    s0, s1 = f.sizes[0], f.sizes[-1]
+    if f.status != "ok":
+        return f"{f.label}: {f.reason}."
+    used = [s for s, u in zip(f.sizes, f.used, strict=True) if u]
+    u0, u1 = used[0], used[-1]
+    slope = f"slope {f.slope:+.2f} {_fmt_ci(f.slope_ci)} octaves per doubling of {f.axis}"
+    if f.transfers:
+        text = (
+            f"{f.label}: the optimal lr transfers across {f.axis} {u0}-{u1} ({slope}, CI contains 0"
+        )
+    elif f.transfers is False:
+        text = (
+            f"{f.label}: the optimal lr does not transfer across {f.axis} {u0}-{u1}: it moves by"
+            f" {f.drift:+.2f} octaves ({slope}, CI excludes 0"
+        )
+    else:
+        text = f"{f.label}: {slope} (no bootstrap interval"
+    text += ")"
+    if f.penalty is not None:
+        text += (
+            f"; tuning at {f.axis} {u0} and copying its lr to {u1} costs {f.penalty:.4f} nats"
+            f" ({100 * f.penalty_rel:.2f} %)"
+        )
+    elif f.penalty_note:
+        text += f"; {f.penalty_note}"
+    if len(used) < len(f.sizes):
+        skipped = [s for s, u in zip(f.sizes, f.used, strict=True) if not u]
+        text += (
+            f"; {f.axis} {', '.join(map(str, skipped))} left out"
+            " (optimum on the grid's edge or none)"
+        )
+    if f.wider_is_better is not None and f.axis == "width":
+        verdict = "falls" if f.wider_is_better else "does not fall monotonically"
+        text += f"; at lr 2^{f.wider_log2_lr:g} the loss {verdict} with width {s0}-{s1}"
+    return text + "."
+
+
+def prediction_sentence(f: TransferFit) -> str | None:
+    p = f.prediction
+    if not p:
+        return None
+    text = f"{f.label}: predicted optimal lr at width {p['width']}: {_lr(p['log2_lr'])}"
+    if p.get("lr_ci"):
+        text += f" (95 % interval {p['lr_ci'][0]:.3g} to {p['lr_ci'][1]:.3g})"
+    if p["extrapolation"]:
+        text += f", extrapolated beyond the measured widths {f.sizes[0]}-{f.sizes[-1]}"
+    return text + "."
+
+
+def conclusions(an: Analysis) -> list[str]:
+    res = an.results
+    counts = res.status_counts()
+    out = [
+        f"{counts['total']} trials: {counts['completed']} completed, {counts['diverged']} diverged,"
+        f" {counts['failed']} failed (failed trials are left out of every fit)."
+    ]
+    usable = res.usable
+    if usable.empty:
+        out.append("Fit impossible: no trial completed or diverged, so there is nothing to fit.")
+        return out
+    if usable["diverged"].all():
+        out.append(
+            "Fit impossible: every trial diverged, so no optimal lr exists on this grid"
+            " (extend the lr grid towards smaller values)."
+        )
+        return out
+    table = an.optima.table
+    short = table[table["status"] == "too_few_lrs"]
+    if len(short):
+        out.append(
+            f"Fit impossible for {len(short)} cell(s) with fewer than 3 lrs on the grid (no"
+            " optimum can be told from an edge): " + "; ".join(short["label"].head(5)) + "."
+        )
+    dead = table[table["status"] == "all_diverged"]
+    if len(dead):
+        out.append(
+            f"Fit impossible for {len(dead)} cell(s) where every trial diverged: "
+            + "; ".join(dead["label"].head(5))
+            + ("; ..." if len(dead) > 5 else "")
+            + "."
+        )
+    edge = table[table["status"] == "edge"]
+    if len(edge):
+        sides = set(edge["edge_side"])
+        towards = " and ".join(
+            {"low": "smaller", "high": "larger"}[s] for s in ("low", "high") if s in sides
+        )
+        out.append(
+            f"{len(edge)} of {len(table)} cells have their optimum on the lr grid's edge"
+            f" (widen the grid towards {towards} lrs; no transfer claim rests on them): "
+            + "; ".join(edge["label"].head(5))
+            + ("; ..." if len(edge) > 5 else "")
+            + "."
+        )
+    if res.usable["width"].nunique() < 2:
+        out.append(
+            f"Transfer fit impossible: only one width ({int(res.usable['width'].iloc[0])}) in this"
+            " store, so nothing can be said about transfer across width."
+        )
+    for opt, fam in sorted(headline(an.width_transfer).items()):
+        mine = [f for f in an.width_transfer if f.optimizer == opt]
+        if len(mine) > 1:
+            ok = [f for f in mine if f.status == "ok"]
+            if ok:
+                slopes = np.array([f.slope for f in ok])
+                n_transfer = sum(bool(f.transfers) for f in ok)
+                out.append(
+                    f"{opt}: {len(ok)} of {len(mine)} width families could be fitted; in"
+                    f" {n_transfer} of them the slope's CI contains 0 (median slope"
+                    f" {np.median(slopes):+.2f} octaves per width doubling). Headline family below."
+                )
+        if res.usable["width"].nunique() >= 2 or fam.status == "ok":
+            out.append(transfer_sentence(fam))
+        pred = prediction_sentence(fam)
+        if pred:
+            out.append(pred)
+    for f in an.depth_transfer:
+        if len(f.sizes) > 1:
+            out.append(transfer_sentence(f))
+    if an.norm is not None:
+        for opt, s in sorted(an.norm.summary.get("by_optimizer", {}).items()):
+            if not s["n"]:
+                continue
+            sd = f" ± {s['sd']:.2f} (sd)" if s["sd"] is not None else ""
+            verdict = (
+                "the same across horizons and widths"
+                if s["consistent"]
+                else "not the same across horizons and widths"
+                f" (range {s['min']:.2f} to {s['max']:.2f})"
+            )
+            out.append(
+                f"{opt}: the loss-optimal output norm is log2 = {s['mean']:.2f}{sd} over {s['n']}"
+                f" horizon x width fits: {verdict}."
+            )
+    for law in an.scaling.lr_law:
+        if law["status"] == "ok":
+            terms = law["terms"]
+            parts = []
+            if "a" in terms:
+                parts.append(f"{terms['a']['value']:+.2f} {_fmt_ci(terms['a']['ci'])} log2 B")
+            if "b" in terms:
+                parts.append(f"{terms['b']['value']:+.2f} {_fmt_ci(terms['b']['ci'])} log2 D")
+            if len(parts) and ("a" in terms or law["width"] == _widest(an, law["optimizer"])):
+                out.append(
+                    f"{law['optimizer']} width {law['width']} depth {law['depth']}: log2 lr* = "
+                    + " ".join(parts)
+                    + f" {terms['c']['value']:+.2f}."
+                )
+    for law in an.scaling.batch_law:
+        if law["status"] == "ok":
+            t = law["terms"]
+            out.append(
+                f"{law['optimizer']} width {law['width']} depth {law['depth']}: optimal batch"
+                f" B*(D) = 2^{t['log2_k']['value']:.2f} D^{t['e']['value']:.2f}"
+                f" (exponent CI {_fmt_ci(t['e']['ci'])})."
+            )
+    for rec in an.layer_lr:
+        b = rec["best"]
+        if b["relative"] is not None:
+            out.append(
+                f"{rec['optimizer']} width {rec['width']}: best lr multipliers"
+                f" input:hidden:output:vector = {b['lr_input']:g}:{b['lr_hidden']:g}:"
+                f"{b['lr_output']:g}:{b['lr_vector']:g},"
+                f" {-100 * b['relative']:.2f} % lower loss than all ones."
+            )
+    return out
+
+
+def _widest(an: Analysis, optimizer: str) -> int:
+    u = an.results.usable
+    return int(u[u["optimizer"] == optimizer]["width"].max())
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;
+color:#222;line-height:1.45;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}
+tr.bad td{color:#a33}img{max-width:100%;border:1px solid #eee}
+.note{color:#666;font-size:.9em}ul.c li{margin:.3em 0}
+"""
+
+
+def _num(v: Any, fmt: str = "{:.3f}") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return fmt.format(v)
+
+
+def _table(
+    headers: list[str], rows: list[list[str]], left: int = 1, bad: list[bool] | None = None
+) -> str:
+    head = "".join(
+        f"<th class='l'>{html.escape(h)}</th>" if i < left else f"<th>{html.escape(h)}</th>"
+        for i, h in enumerate(headers)
+    )
+    body = []
+    for k, r in enumerate(rows):
+        cls = " class='bad'" if bad and bad[k] else ""
+        cells = "".join(
+            f"<td class='l'>{html.escape(c)}</td>" if i < left else f"<td>{html.escape(c)}</td>"
+            for i, c in enumerate(r)
+        )
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def optima_rows(an: Analysis) -> tuple[list[str], list[list[str]], list[bool]]:
+    headers = [
+        "cell",
+        "lr grid (log2)",
+        "seeds",
+        "diverged",
+        "log2 lr*",
+        "95 % CI",
+        "lr*",
+        "loss*",
+        "method",
+        "status",
+        "interior",
+    ]
+    rows, bad = [], []
+    for _, r in an.optima.table.iterrows():
+        rows.append(
+            [
+                str(r["label"]),
+                f"{r['log2_lr_min']:g} .. {r['log2_lr_max']:g} ({r['n_lr']})",
+                str(r["n_seeds"]),
+                f"{r['n_diverged']}/{r['n_trials']}",
+                _num(r["log2_lr_star"], "{:.2f}"),
+                _fmt_ci([_f(r["ci_lo"]), _f(r["ci_hi"])], "{:.2f}"),
+                _num(r["lr_star"], "{:.3g}"),
+                _num(r["loss_star"], "{:.4f}"),
+                str(r["method"]),
+                str(r["status"])
+                + (f" ({r['edge_side']})" if isinstance(r["edge_side"], str) else ""),
+                f"{100 * r['interior_frac']:.0f} %",
+            ]
+        )
+        bad.append(r["status"] != "ok")
+    return headers, rows, bad
+
+
+def _f(v: Any) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def _short_reason(f: TransferFit) -> str:
+    if len(f.sizes) == 1:
+        return f"fit impossible: one {f.axis}"
+    if all(s in ("all_diverged", "no_data") for s in f.size_status):
+        return "fit impossible: all diverged"
+    return "fit impossible: optimum on the grid edge / diverged"
+
+
+def transfer_rows(
+    fits: list[TransferFit], short: bool = False
+) -> tuple[list[str], list[list[str]], list[bool]]:
+    axis = fits[0].axis if fits else "width"
+    headers = [
+        "family",
+        f"{axis}s (used)",
+        "slope",
+        "95 % CI",
+        "drift (oct)",
+        "penalty (nats)",
+        "penalty",
+        "wider better",
+        "verdict",
+    ]
+    rows, bad = [], []
+    for f in fits:
+        sizes = ", ".join(f"{s}" + ("" if u else "*") for s, u in zip(f.sizes, f.used, strict=True))
+        if f.status == "ok":
+            verdict = "transfers" if f.transfers else ("moves" if f.transfers is False else "?")
+        else:
+            verdict = _short_reason(f) if short else (f.reason or "fit impossible")
+        rows.append(
+            [
+                f.label,
+                sizes,
+                _num(f.slope, "{:+.2f}"),
+                _fmt_ci(f.slope_ci) if f.status == "ok" else "–",
+                _num(f.drift, "{:+.2f}"),
+                _num(f.penalty, "{:.4f}") if f.penalty is not None else (f.penalty_note or "–"),
+                _num(None if f.penalty_rel is None else 100 * f.penalty_rel, "{:.2f} %"),
+                "–" if f.wider_is_better is None else ("yes" if f.wider_is_better else "no"),
+                verdict,
+            ]
+        )
+        bad.append(f.status != "ok")
+    return headers, rows, bad
+
+
+def _header(an: Analysis) -> str:
+    res = an.results
+    u = res.usable if not res.usable.empty else res.trials
+    c = res.status_counts()
+    lr = u["log2_lr"]
+    compared = [
+        ("optimizers", ", ".join(sorted(u["optimizer"].unique()))),
+        ("widths", ", ".join(map(str, sorted(u["width"].unique())))),
+        ("depths", ", ".join(map(str, sorted(u["depth"].unique())))),
+        ("batch sizes", ", ".join(map(str, sorted(u["batch_size"].unique())))),
+        ("steps", ", ".join(map(str, sorted(u["steps"].unique())))),
+        ("seeds", str(u["seed"].nunique())),
+        ("lr grid (log2)", f"{lr.min():g} .. {lr.max():g}, {lr.nunique()} values"),
+        ("figure of merit", METRIC_DESCRIPTIONS[res.metric]),
+        ("sweeps", ", ".join(res.sweeps)),
+    ]
+    rows = [[k, v] for k, v in compared]
+    counts = [[s, str(c[s])] for s in ("total", "completed", "diverged", "failed")]
+    if c["no_metric"]:
+        counts.append([f"completed without {res.metric}", str(c["no_metric"])])
+    return (
+        "<h2>What was compared</h2>"
+        + _table(["", ""], rows, left=2)
+        + "<h2>Trials</h2>"
+        + _table(["status", "trials"], counts)
+        + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in res.notes)
+    )
+
+
+def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str, str]) -> str:
+    res = an.results
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>Transfer report: {html.escape(', '.join(res.sweeps))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Hyperparameter-transfer report: {html.escape(', '.join(res.sweeps))}</h1>",
+        f"<p class='note'>{html.escape(str(res.path))} · generated"
+        f" {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · figure of merit: {res.metric}</p>",
+        "<h2>Conclusions</h2><ul class='c'>",
+        *(f"<li>{html.escape(s)}</li>" for s in conclusions(an)),
+        "</ul>",
+        _header(an),
+    ]
+    for name, png in images.items():
+        if png is None:
+            continue
+        b64 = base64.b64encode(png).decode()
+        parts.append(f"<h2>{html.escape(FIGURE_TITLES[name])}</h2>")
+        parts.append(f"<img alt='{name}' src='data:image/png;base64,{b64}'>")
+    if skipped:
+        parts.append("<h2>Figures not drawn</h2><ul>")
+        parts += [
+            f"<li>{html.escape(FIGURE_TITLES[k])}: needs {html.escape(v)}.</li>"
+            for k, v in skipped.items()
+        ]
+        parts.append("</ul>")
+    parts.append("<h2>Optimal learning rate per cell</h2>")
+    parts.append(
+        "<p class='note'>log2 lr* refined by a parabola through the grid points around the"
+        f" argmin ({WINDOW} points); CI: 2.5-97.5 % over {an.n_bootstrap} seed-bootstrap"
+        " resamples (parametric with one seed); interior: share of resamples whose optimum is"
+        " inside the grid. Red rows: optimum on the grid's edge or none.</p>"
+    )
+    headers, rows, bad = optima_rows(an)
+    parts.append(_table(headers, rows, bad=bad))
+    for title, fits in (("across width", an.width_transfer), ("across depth", an.depth_transfer)):
+        if not fits:
+            continue
+        h, rows, bad = transfer_rows(fits)
+        parts.append(f"<h2>Transfer {title}</h2>")
+        parts.append(
+            "<p class='note'>slope of log2 lr* against log2 size (octaves per doubling), CI from"
+            " the bootstrap; drift: lr* at the largest minus at the smallest size used; penalty:"
+            " loss at the largest size with the smallest size's lr* minus its best loss. * = not"
+            " used (optimum on the grid's edge or none).</p>"
+        )
+        parts.append(_table(h, rows, bad=bad))
+        preds = [p for p in (prediction_sentence(f) for f in fits) if p]
+        if preds:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in preds) + "</ul>")
+    if an.norm is not None:
+        parts.append("<h2>Optimal output norm (log2 rms→inf) per horizon</h2>")
+        rows = [
+            [
+                f"{r['optimizer']} width={r['width']} depth={r['depth']}",
+                f"{int(r['horizon']):,}",
+                str(r["batch_size"]),
+                _num(r["log2_norm_opt"], "{:.2f}"),
+                _fmt_ci([_f(r["ci_lo"]), _f(r["ci_hi"])], "{:.2f}"),
+                str(r["n_points"]),
+                str(r["status"]),
+            ]
+            for _, r in an.norm.best.iterrows()
+        ]
+        parts.append(
+            _table(
+                [
+                    "configuration",
+                    "horizon (tokens)",
+                    "best B",
+                    "log2 norm*",
+                    "95 % CI",
+                    "points",
+                    "status",
+                ],
+                rows,
+                bad=[r[-1] != "ok" for r in rows],
+            )
+        )
+    laws = [law for law in an.scaling.lr_law if law["status"] == "ok"]
+    if laws:
+        parts.append("<h2>Scaling of the optimal lr</h2>")
+        rows = []
+        for law in laws:
+            t = law["terms"]
+            rows.append(
+                [
+                    f"{law['optimizer']} width={law['width']} depth={law['depth']}",
+                    _num(t.get("a", {}).get("value"), "{:+.3f}")
+                    + " "
+                    + (_fmt_ci(t["a"]["ci"]) if "a" in t else ""),
+                    _num(t.get("b", {}).get("value"), "{:+.3f}")
+                    + " "
+                    + (_fmt_ci(t["b"]["ci"]) if "b" in t else ""),
+                    _num(t["c"]["value"], "{:+.2f}"),
+                    str(law["n"]),
+                ]
+            )
+        parts.append(_table(["configuration", "a (log2 B)", "b (log2 D)", "c", "points"], rows))
+    blaws = [law for law in an.scaling.batch_law if law["status"] == "ok"]
+    if blaws:
+        parts.append("<h2>Optimal batch size B*(D) = k D^e</h2>")
+        rows = [
+            [
+                f"{law['optimizer']} width={law['width']} depth={law['depth']}",
+                f"{law['terms']['e']['value']:.3f} {_fmt_ci(law['terms']['e']['ci'], '{:.3f}')}",
+                f"{law['terms']['log2_k']['value']:.2f}",
+                str(law["n"]),
+            ]
+            for law in blaws
+        ]
+        parts.append(_table(["configuration", "e", "log2 k", "horizons"], rows))
+    if an.layer_lr:
+        parts.append("<h2>Per-layer-group lr multipliers</h2>")
+        rows = [
+            [
+                f"{r['optimizer']} width={r['width']} depth={r['depth']} B={r['batch_size']}",
+                f"{r['best']['lr_input']:g}:{r['best']['lr_hidden']:g}:{r['best']['lr_output']:g}:{r['best']['lr_vector']:g}",
+                _num(r["best"]["loss_star"], "{:.4f}"),
+                _num(r["ones_loss"], "{:.4f}"),
+                _num(
+                    None if r["best"]["relative"] is None else 100 * r["best"]["relative"],
+                    "{:+.2f} %",
+                ),
+            ]
+            for r in an.layer_lr
+        ]
+        parts.append(
+            _table(
+                ["configuration", "best in:hid:out:vec", "loss*", "loss* (all 1)", "vs all 1"], rows
+            )
+        )
+    parts.append("<p class='note'>Every number above is in fits.json next to this file.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def write_report(
+    results: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    metric: str = "final_val",
+    predict_width: int | None = None,
+) -> Path:
+    """Analyse the store at `results` and write report.html (self-contained), one PNG per
+    figure and fits.json into `out_dir` (default `<results>/report`). Returns report.html."""
+    an = analyze(results, metric=metric, predict_width=predict_width)
+    out = Path(out_dir) if out_dir is not None else Path(results) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    images: dict[str, bytes | None] = {}
+    files: dict[str, str | None] = {}
+    skipped: dict[str, str] = {}
+    for name, plot in PLOTS.items():
+        fig = plot(an)
+        if fig is None:
+            images[name], files[name] = None, None
+            skipped[name] = FIGURE_NEEDS[name]
+            stale = out / f"{name}.png"
+            if stale.exists():  # a figure from an earlier report would now be misleading
+                stale.unlink()
+            continue
+        png = figure_png(fig)
+        (out / f"{name}.png").write_bytes(png)
+        images[name], files[name] = png, f"{name}.png"
+    fits = build_fits(an, files)
+    (out / "fits.json").write_text(json.dumps(fits, indent=1, allow_nan=False) + "\n")
+    report = out / "report.html"
+    report.write_text(render_html(an, images, skipped), encoding="utf-8")
+    return report
+
+
+def print_summary(
+    results: str | Path,
+    *,
+    metric: str = "final_val",
+    predict_width: int | None = None,
+    console: Console | None = None,
+) -> None:
+    """Print the optimum and transfer tables and the conclusions in the terminal."""
+    an = analyze(results, metric=metric, predict_width=predict_width)
+    console = console or Console()
+    c = an.results.status_counts()
+    console.print(
+        f"[bold]{', '.join(an.results.sweeps)}[/bold]: {c['total']} trials, {c['completed']}"
+        f" completed, {c['diverged']} diverged, {c['failed']} failed; metric {an.results.metric}"
+    )
+    # The terminal gets the columns that decide things; the report has them all.
+    headers, rows, bad = optima_rows(an)
+    _print_table(
+        console,
+        "Optimal learning rate per cell",
+        headers,
+        rows,
+        bad,
+        keep=["cell", "seeds", "diverged", "log2 lr*", "95 % CI", "loss*", "status"],
+    )
+    for fits in (an.width_transfer, an.depth_transfer):
+        if fits:
+            headers, rows, bad = transfer_rows(fits, short=True)
+            _print_table(
+                console,
+                f"Transfer across {fits[0].axis}",
+                headers,
+                rows,
+                bad,
+                keep=[
+                    headers[0],
+                    headers[1],
+                    "slope",
+                    "95 % CI",
+                    "drift (oct)",
+                    "penalty",
+                    "verdict",
+                ],
+            )
+    for line in conclusions(an):
+        console.print(f"• {line}", highlight=False)
+
+
+def _print_table(
+    console: Console,
+    title: str,
+    headers: list[str],
+    rows: list[list[str]],
+    bad: list[bool],
+    keep: list[str],
+) -> None:
+    idx = [headers.index(h) for h in keep]
+    table = Table(title=title, title_justify="left")
+    for j, i in enumerate(idx):
+        last = j == len(idx) - 1
+        table.add_column(
+            headers[i],
+            justify="left" if j == 0 or last else "right",
+            overflow="fold",
+            no_wrap=not last and j != 0,
+        )
+    for r, b in zip(rows, bad, strict=True):
+        table.add_row(*(r[i] for i in idx), style="red" if b else None)
+    console.print(table)

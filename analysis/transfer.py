@@ -1,0 +1,246 @@
+"""Does the optimal lr transfer across width (or depth)?
+
+A family is a set of cells equal in everything but the size axis. Per family: the slope of
+log2 lr* against log2 size by least squares, its interval from the per-size bootstrap samples
+(combined resample by resample), the drift in octaves, the transfer penalty (what copying the
+smallest model's lr to the largest costs), a "wider is better" check and an optional prediction
+for an untrained size. Only interior optima enter the fit: an optimum on the grid's edge is a
+bound, not a measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .load import CONFIG_COLUMNS, format_value
+from .optimum import Optima, loss_at
+
+TRANSFER_AXES = ("width", "depth")
+
+
+@dataclass
+class TransferFit:
+    """One family's transfer across `axis`. Octaves are log2 units; slopes are octaves of lr*
+    per doubling of the size. Interval bounds are 2.5 / 97.5 % bootstrap quantiles."""
+
+    axis: str
+    optimizer: str
+    family: dict[str, Any]  # the family's fixed values of the store's varying config columns
+    label: str
+    sizes: list[int]
+    cells: list[int]
+    log2_lr_star: list[float | None]
+    log2_lr_star_ci: list[list[float | None]]
+    size_status: list[str]  # per size: ok | edge | all_diverged | no_data
+    used: list[bool]  # per size: entered the fit
+    loss_star: list[float | None]
+    status: str = "impossible"  # ok | impossible
+    reason: str | None = None  # why the fit is impossible, in words
+    slope: float | None = None
+    slope_ci: list[float] | None = None
+    intercept: float | None = None
+    transfers: bool | None = None  # the slope's interval contains 0
+    drift: float | None = None  # log2 lr*(largest used size) - log2 lr*(smallest), octaves
+    drift_ci: list[float] | None = None
+    penalty: float | None = None  # L(s_max, lr*(s_min)) - L(s_max, lr*(s_max)), nats
+    penalty_rel: float | None = None  # penalty / L(s_max, lr*(s_max))
+    penalty_note: str | None = None
+    wider_is_better: bool | None = None  # at one fixed lr near the optima, loss falls with size
+    wider_log2_lr: float | None = None
+    wider_losses: list[float | None] = field(default_factory=list)
+    best_loss_falls: bool | None = None  # the optimal loss falls with size
+    prediction: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _clean(v: float) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
+
+
+def _range_words(axis: str, sizes: list[int]) -> str:
+    return f"{axis} {', '.join(str(s) for s in sizes)}"
+
+
+def _impossible_reason(axis: str, sizes: list[int], status: list[str], sides: list) -> str:
+    if len(sizes) == 1:
+        return f"fit impossible: only one {axis} ({sizes[0]}) in this family"
+    if all(s in ("all_diverged", "no_data") for s in status):
+        return f"fit impossible: every trial diverged at every {axis}"
+    parts = []
+    edge = [sz for sz, s in zip(sizes, status, strict=True) if s == "edge"]
+    if edge:
+        low = [
+            sz
+            for sz, s, side in zip(sizes, status, sides, strict=True)
+            if s == "edge" and side == "low"
+        ]
+        direction = (
+            "smaller" if len(low) == len(edge) else ("larger" if not low else "smaller and larger")
+        )
+        parts.append(
+            f"the optimum lies on the lr grid's edge at {_range_words(axis, edge)}"
+            f" (widen the grid towards {direction} lrs)"
+        )
+    dead = [sz for sz, s in zip(sizes, status, strict=True) if s == "all_diverged"]
+    if dead:
+        parts.append(f"every trial diverged at {_range_words(axis, dead)}")
+    short = [sz for sz, s in zip(sizes, status, strict=True) if s == "too_few_lrs"]
+    if short:
+        parts.append(f"fewer than 3 lrs on the grid at {_range_words(axis, short)}")
+    return "fit impossible: fewer than two sizes with an interior optimum; " + "; ".join(parts)
+
+
+def fit_transfer(
+    optima: Optima,
+    axis: str = "width",
+    *,
+    varying: list[str] | None = None,
+    predict: int | None = None,
+) -> list[TransferFit]:
+    """One TransferFit per family of cells that differ only in `axis` (width or depth)."""
+    if axis not in TRANSFER_AXES:
+        raise ValueError(f"axis must be one of {TRANSFER_AXES}")
+    table = optima.table
+    if table.empty:
+        return []
+    keys = [c for c in CONFIG_COLUMNS if c != axis]
+    shown = [c for c in (varying or []) if c not in (axis, "optimizer")]
+    fits = []
+    for _, fam in table.groupby(keys, dropna=False, sort=True):
+        fam = fam.sort_values(axis)
+        first = fam.iloc[0]
+        family = {c: first[c].item() if hasattr(first[c], "item") else first[c] for c in shown}
+        label = " ".join([str(first["optimizer"]), *(format_value(c, first[c]) for c in shown)])
+        sizes = [int(s) for s in fam[axis]]
+        fit = TransferFit(
+            axis=axis,
+            optimizer=str(first["optimizer"]),
+            family=family,
+            label=label,
+            sizes=sizes,
+            cells=[int(c) for c in fam["cell"]],
+            log2_lr_star=[_clean(v) for v in fam["log2_lr_star"]],
+            log2_lr_star_ci=[
+                [_clean(a), _clean(b)] for a, b in zip(fam["ci_lo"], fam["ci_hi"], strict=True)
+            ],
+            size_status=list(fam["status"]),
+            used=list(fam["status"] == "ok"),
+            loss_star=[_clean(v) for v in fam["loss_star"]],
+        )
+        _fill(fit, fam, optima, predict)
+        fits.append(fit)
+    return fits
+
+
+def _fill(fit: TransferFit, fam: pd.DataFrame, optima: Optima, predict: int | None) -> None:
+    _wider_is_better(fit, fam, optima)
+    used = fam[fam["status"] == "ok"]
+    if len(used) < 2:
+        fit.reason = _impossible_reason(
+            fit.axis, fit.sizes, fit.size_status, list(fam["edge_side"])
+        )
+        return
+    fit.status = "ok"
+    x = np.log2(used[fit.axis].to_numpy(float))
+    y = used["log2_lr_star"].to_numpy(float)
+    xc = x - x.mean()
+    sxx = float(xc @ xc)
+    slope = float(xc @ (y - y.mean()) / sxx)
+    fit.slope, fit.intercept = slope, float(y.mean() - slope * x.mean())
+    fit.drift = float(y[-1] - y[0])
+
+    draws = np.column_stack([optima.samples[int(c)] for c in used["cell"]])
+    draws = draws[np.isfinite(draws).all(axis=1)]
+    if len(draws) >= 10:
+        slopes = (draws - draws.mean(axis=1, keepdims=True)) @ xc / sxx
+        intercepts = draws.mean(axis=1) - slopes * x.mean()
+        fit.slope_ci = [float(v) for v in np.quantile(slopes, [0.025, 0.975])]
+        fit.drift_ci = [float(v) for v in np.quantile(draws[:, -1] - draws[:, 0], [0.025, 0.975])]
+        fit.transfers = bool(fit.slope_ci[0] <= 0 <= fit.slope_ci[1])
+    else:
+        slopes = intercepts = None
+
+    lo, hi = used.iloc[0], used.iloc[-1]
+    copied = loss_at(hi, optima.curve(hi["cell"]), float(lo["log2_lr_star"]))
+    best = float(hi["loss_star"])
+    if np.isnan(copied):
+        fit.penalty_note = (
+            f"lr*({fit.axis} {int(lo[fit.axis])}) lies outside the lr grid of"
+            f" {fit.axis} {int(hi[fit.axis])}"
+        )
+    elif np.isinf(copied):
+        fit.penalty_note = (
+            f"copying lr*({fit.axis} {int(lo[fit.axis])}) to {fit.axis} {int(hi[fit.axis])}"
+            " diverges"
+        )
+    else:
+        # The parabola's minimum is below its value anywhere else, so the penalty is >= 0 up to
+        # interpolation between the parabola and the measured curve; clip that noise at 0.
+        fit.penalty = max(0.0, copied - best)
+        fit.penalty_rel = fit.penalty / best
+
+    if predict is not None and fit.axis == "width":
+        target = float(np.log2(predict))
+        value = fit.intercept + fit.slope * target
+        pred: dict[str, Any] = {
+            "width": int(predict),
+            "log2_lr": value,
+            "lr": float(2.0**value),
+            "extrapolation": bool(predict < fit.sizes[0] or predict > fit.sizes[-1]),
+        }
+        if slopes is not None:
+            q = np.quantile(intercepts + slopes * target, [0.025, 0.975])
+            pred["log2_lr_ci"] = [float(q[0]), float(q[1])]
+            pred["lr_ci"] = [float(2.0 ** q[0]), float(2.0 ** q[1])]
+        fit.prediction = pred
+
+
+def _wider_is_better(fit: TransferFit, fam: pd.DataFrame, optima: Optima) -> None:
+    valid = fam[np.isfinite(fam["loss_star"].to_numpy(float))]
+    if len(valid) < 2:
+        return
+    stars = valid["loss_star"].to_numpy(float)
+    fit.best_loss_falls = bool(np.all(np.diff(stars) < 0))
+    # lrs measured (and not diverged) at every size; keys rounded to survive float noise.
+    measured = []
+    for cell in valid["cell"]:
+        c = optima.curve(cell)
+        fin = np.isfinite(c["mean"].to_numpy(float))
+        measured.append(
+            dict(
+                zip(
+                    np.round(c["log2_lr"].to_numpy(float)[fin], 9),
+                    c["mean"].to_numpy(float)[fin],
+                    strict=True,
+                )
+            )
+        )
+    common = np.array(sorted(set.intersection(*(set(m) for m in measured))))
+    if len(common) == 0:
+        return
+    centre = float(np.median(valid["log2_lr_star"].to_numpy(float)))
+    chosen = float(common[np.argmin(np.abs(common - centre))])
+    losses = [float(m[chosen]) for m in measured]
+    fit.wider_log2_lr = chosen
+    fit.wider_losses = losses
+    fit.wider_is_better = bool(np.all(np.diff(losses) < 0))
+
+
+def headline(fits: list[TransferFit]) -> dict[str, TransferFit]:
+    """Per optimizer, the family its figures show: most sizes used, most sizes, lowest loss."""
+    best: dict[str, TransferFit] = {}
+
+    def rank(f: TransferFit) -> tuple:
+        losses = [v for v in f.loss_star if v is not None]
+        return (sum(f.used), len(f.sizes), -(min(losses) if losses else np.inf))
+
+    for f in fits:
+        if f.optimizer not in best or rank(f) > rank(best[f.optimizer]):
+            best[f.optimizer] = f
+    return best
