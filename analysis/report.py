@@ -186,7 +186,7 @@ def build_fits(an: Analysis, figures: dict[str, str | None] | None = None) -> di
 
 
 def _fmt_ci(ci: list | None, fmt: str = "{:+.2f}") -> str:
-    if not ci or ci[0] is None or ci[1] is None:
+    if not ci or any(v is None or not math.isfinite(v) for v in ci[:2]):
         return "[no interval]"
     return "[" + fmt.format(ci[0]) + ", " + fmt.format(ci[1]) + "]"
 

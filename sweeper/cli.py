@@ -7,6 +7,8 @@ trials exits 1; an interrupted one exits 130 and resumes when the same command r
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -23,8 +25,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Logs and pipes get wide tables instead of rich's 80-column default.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 
 EXIT_BAD_INPUT = 2
 
@@ -280,14 +284,14 @@ def analyze(
 @app.command()
 def schema() -> None:
     """Print the store's tables, column by column."""
-    from sweeper.store import STORE_VERSION, TABLES
+    from sweeper.store import COLUMN_DOCS, STORE_VERSION
 
-    for name, sch in TABLES.items():
+    for name, columns in COLUMN_DOCS.items():
         table = Table(title=f"{name} (store version {STORE_VERSION})")
         for col in ("column", "type", "meaning"):
             table.add_column(col)
-        for f in sch:
-            table.add_row(f.name, str(f.type), f.metadata[b"doc"].decode())
+        for column, typ, doc in columns:
+            table.add_row(column, str(typ), doc)
         console.print(table)
 
 
