@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
-
-from pyarrow.fs import LocalFileSystem
 
 from sweeper.progress import SweepProgress
 from sweeper.spec import SweepSpec, TrialSpec, expand
@@ -101,7 +101,9 @@ def execute_trial(
 
 
 def _error_text(err: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(err), err)).strip()
+    """The trial's own exception in one line (Ray wraps it in a RayTaskError)."""
+    cause = getattr(err, "cause", None) or err
+    return "".join(traceback.format_exception_only(type(cause), cause)).strip()
 
 
 # --------------------------------------------------------------------------- in-process
@@ -248,9 +250,9 @@ def run_ray(
             "results": p.store.root,
             "threads": max(1, int(res.cpu)),
         }
-        # Tune's own experiment files stay beside the store on local disk (elsewhere they
-        # would go to ~/ray_results); nothing of the sweep depends on them.
-        storage = p.store.path + "/_ray" if isinstance(p.store.fs, LocalFileSystem) else None
+        # Tune's experiment files (state, per-trial folders) are scratch: the store is the
+        # record of what ran, so they live in a temporary folder removed afterwards.
+        storage = tempfile.mkdtemp(prefix="sweeper-tune-")
 
         def trial_id(trial: Any) -> str:
             return TrialSpec.model_validate_json(trial.config["trial"]).trial_id
@@ -274,7 +276,10 @@ def run_ray(
                 progress_reporter=None,
             ),
         )
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
         # A trial that still raised after its retries is stored as failed; the others were
         # stored by the trial itself.
         for result in results:
