@@ -72,14 +72,18 @@ def main() -> None:
     cmd = [str(SWEEP), "run", str(grid_file), "--executor", args.executor]
     if args.executor == "ray":
         cmd += ["--num-cpus", str(slots)]
+    began = datetime.now(timezone.utc)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
+    ended = datetime.now(timezone.utc)
 
     trials = pd.read_parquet(work / "results" / "overhead" / "trials")
     assert len(trials) == 16, f"expected 16 trials, stored {len(trials)}"
     train = trials.train_time_s.sum() / slots
     body = trials.wall_time_s.sum() / slots
+    startup = (trials.started_at.min() - began).total_seconds()
+    tail = (ended - trials.finished_at.max()).total_seconds()
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "executor": args.executor,
@@ -91,6 +95,8 @@ def main() -> None:
         "sweep_wall_s": round(wall, 1),
         "overhead_outside_training_steps": round(1 - train / wall, 4),
         "overhead_outside_trial_bodies": round(1 - body / wall, 4),
+        "startup_s": round(startup, 1),
+        "tail_s": round(tail, 1),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "load_average_before": [round(x, 2) for x in load_before],
     }
@@ -113,7 +119,9 @@ def main() -> None:
         f"| **outside training steps** | **{100 * result['overhead_outside_training_steps']:.1f}%**"
         f" (target at most 10%: {met}) |\n"
         f"| outside trial bodies (Ray start, scheduling) | "
-        f"{100 * result['overhead_outside_trial_bodies']:.1f}% |\n\n"
+        f"{100 * result['overhead_outside_trial_bodies']:.1f}% |\n"
+        f"| of which: command start to first trial | {result['startup_s']} s |\n"
+        f"| of which: last trial stored to command exit | {result['tail_s']} s |\n\n"
         f"Machine: {result['machine']}. Load average before the run: "
         f"{', '.join(map(str, result['load_average_before']))} (the cores may be shared with"
         " other work).\n"

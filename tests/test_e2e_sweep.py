@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,9 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN
-
 pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
 
 TINY = {
     "name": "tiny",
@@ -83,6 +84,25 @@ def test_local_executor_runs_the_grid_then_reruns_nothing(tmp_path, sweep_cli):
     assert "6 stored" in status.stdout
 
 
+def test_report_renders_for_a_store_written_by_sweep_run(tmp_path, sweep_cli):
+    grid = {**TINY, "grid": {**TINY["grid"], "optimizer": {"adamw": {"lr": [1e-3, 3e-3, 1e-2]}}}}
+    out = sweep_cli("run", str(write_grid(tmp_path, grid)), "--executor", "local", "--report")
+    assert out.returncode == 0, out.stderr
+    report = tmp_path / "results" / "tiny" / "report"
+    html = (report / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    fits = json.loads((report / "fits.json").read_text())
+    assert {o["optimizer"] for o in fits["optima"]} == {"adamw"}
+    assert len(fits["optima"]) == 2  # one cell per width
+    assert sorted(p.name for p in report.glob("*.png"))
+
+    analyze = sweep_cli("analyze", str(tmp_path / "results" / "tiny"))
+    assert analyze.returncode == 0 and "adamw" in analyze.stdout
+
+    missing = sweep_cli("report", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
 @pytest.mark.ray
 def test_attached_cluster_runs_the_same_grid_and_a_grown_grid_runs_only_new_trials(
     tmp_path, sweep_cli, ray_address
@@ -105,7 +125,8 @@ def test_attached_cluster_runs_the_same_grid_and_a_grown_grid_runs_only_new_tria
 
 
 @pytest.mark.ray
-def test_killed_controller_resumes_with_every_trial_once(tmp_path, sweep_cli, ray_address):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_controller_resumes_with_every_trial_once(tmp_path, sweep_cli, ray_address, sig):
     slow = {**TINY, "train": {**TINY["train"], "steps": 60, "log_every": 20, "eval_every": 30},
             "execution": {"max_concurrent": 1, "retries": 0}}
     grid = write_grid(tmp_path, slow)
@@ -117,8 +138,8 @@ def test_killed_controller_resumes_with_every_trial_once(tmp_path, sweep_cli, ra
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(trials_dir.glob("*.parquet"))) < 2:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
     kept = {p.name: p.read_bytes() for p in trials_dir.glob("*.parquet")}
     assert 2 <= len(kept) < 6, "the kill should land mid-sweep"
 

@@ -1,0 +1,48 @@
+"""The committed quickstart results are what the current code produces from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from analysis import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE = ROOT / "results" / "quickstart"
+
+
+def test_committed_report_matches_the_current_analysis(tmp_path):
+    committed = json.loads((STORE / "report" / "fits.json").read_text())
+    fresh = json.loads((write_report(STORE, tmp_path).parent / "fits.json").read_text())
+    assert fresh["figures"] == committed["figures"]
+    assert fresh["counts"] == committed["counts"]
+    assert len(fresh["optima"]) == len(committed["optima"])
+    for new, old in zip(fresh["optima"], committed["optima"], strict=True):
+        assert (new["label"], new["status"]) == (old["label"], old["status"])
+        assert new["log2_lr_star"] == pytest.approx(old["log2_lr_star"], abs=1e-6)
+        assert new["loss_star"] == pytest.approx(old["loss_star"], abs=1e-6)
+    for new, old in zip(fresh["width_transfer"], committed["width_transfer"], strict=True):
+        assert (new["label"], new["slope"]) == (old["label"], pytest.approx(old["slope"]))
+    for name in committed["figures"].values():
+        assert name is None or (STORE / "report" / name).is_file()
+
+
+def test_committed_store_is_the_current_quickstart_grid():
+    import pandas as pd
+
+    from sweeper.data import fingerprint
+    from sweeper.orchestrate import plan
+    from sweeper.spec import load_spec
+
+    spec = load_spec(ROOT / "experiments" / "quickstart.yaml")
+    trials = pd.read_parquet(STORE / "trials", columns=["trial_id", "data_fingerprint"])
+    if set(trials.data_fingerprint) != {fingerprint(spec.data)}:
+        pytest.skip(
+            "this machine's Python standard library differs from the one the committed "
+            "quickstart was trained on, so its trial ids differ"
+        )
+    p = plan(spec, str(STORE.parent))
+    assert {t.trial_id for t in p.trials} == set(trials.trial_id)
+    assert not p.todo
