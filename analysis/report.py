@@ -670,10 +670,14 @@ def write_report(
     *,
     metric: str = "final_val",
     predict_width: int | None = None,
+    horizons: list[int] | None = None,
 ) -> Path:
     """Analyse the store at `results` and write report.html (self-contained), one PNG per
-    figure and fits.json into `out_dir` (default `<results>/report`). Returns report.html."""
-    an = analyze(results, metric=metric, predict_width=predict_width)
+    figure and fits.json into `out_dir` (default `<results>/report`). Returns report.html.
+
+    `horizons` are the token budgets at which norm transfer and the scaling laws read the
+    runs (default: the planned budgets, plus 1/4 and 1/2 of the largest)."""
+    an = analyze(results, metric=metric, predict_width=predict_width, horizons=horizons)
     out = Path(out_dir) if out_dir is not None else Path(results) / "report"
     out.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes | None] = {}
@@ -703,10 +707,11 @@ def print_summary(
     *,
     metric: str = "final_val",
     predict_width: int | None = None,
+    horizons: list[int] | None = None,
     console: Console | None = None,
 ) -> None:
     """Print the optimum and transfer tables and the conclusions in the terminal."""
-    an = analyze(results, metric=metric, predict_width=predict_width)
+    an = analyze(results, metric=metric, predict_width=predict_width, horizons=horizons)
     console = console or Console()
     c = an.results.status_counts()
     console.print(

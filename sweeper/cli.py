@@ -249,13 +249,19 @@ def report(
     predict_width: Annotated[
         int | None, typer.Option(help="Predict the optimal lr at this width.", min=1)
     ] = None,
+    horizon: Annotated[
+        list[int] | None,
+        typer.Option(help="Token horizon for norm transfer and scaling fits (repeatable).", min=1),
+    ] = None,
 ) -> None:
     """Write report.html, its figures and fits.json."""
     from analysis import AnalysisError
     from analysis.report import write_report
 
     try:
-        path = write_report(results, out, metric=metric, predict_width=predict_width)
+        path = write_report(
+            results, out, metric=metric, predict_width=predict_width, horizons=horizon or None
+        )
     except AnalysisError as err:
         _fail(str(err))
     console.print(f"report: {path}")
@@ -270,13 +276,23 @@ def analyze(
     predict_width: Annotated[
         int | None, typer.Option(help="Predict the optimal lr at this width.", min=1)
     ] = None,
+    horizon: Annotated[
+        list[int] | None,
+        typer.Option(help="Token horizon for norm transfer and scaling fits (repeatable).", min=1),
+    ] = None,
 ) -> None:
     """Print the optimal-lr and transfer tables."""
     from analysis import AnalysisError
     from analysis.report import print_summary
 
     try:
-        print_summary(results, metric=metric, predict_width=predict_width, console=console)
+        print_summary(
+            results,
+            metric=metric,
+            predict_width=predict_width,
+            horizons=horizon or None,
+            console=console,
+        )
     except AnalysisError as err:
         _fail(str(err))
 
