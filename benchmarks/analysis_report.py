@@ -12,29 +12,25 @@ import argparse
 import cProfile
 import io
 import json
-import os
-import platform
 import pstats
 import shutil
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from machine import machine
 
-from analysis.load import _STEPS_READ, _TRIAL_READ, load_results  # noqa: E402
-from analysis.pipeline import analyze  # noqa: E402
-from analysis.plots import PLOTS, figure_png  # noqa: E402
-from analysis.report import build_fits, render_html, write_report  # noqa: E402
-from analysis.synthetic import (  # noqa: E402
+from analysis.load import _STEPS_READ, _TRIAL_READ, load_results
+from analysis.pipeline import analyze
+from analysis.plots import PLOTS, figure_png
+from analysis.report import build_fits, render_html, write_report
+from analysis.synthetic import (
     PlantedOptimizer,
     SyntheticConfig,
     synthetic_trials,
     write_synthetic_store,
 )
-from sweeper.store import Store  # noqa: E402
+from sweeper.store import Store
 
 TARGET_S = 30.0
 
@@ -59,25 +55,6 @@ CONFIG = SyntheticConfig(
     batch_exponent=0.5,
     diverge_octaves=3.0,
 )
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_1_5_15": [round(v, 2) for v in load],
-    }
 
 
 def ensure_store(root: Path) -> tuple[Path, float | None, bool]:
@@ -147,7 +124,7 @@ def main() -> None:
         "--markdown-only", action="store_true", help="rewrite the .md from the existing .json"
     )
     args = ap.parse_args()
-    results_dir = REPO / "benchmarks" / "results"
+    results_dir = Path(__file__).resolve().parent / "results"
     if args.markdown_only:
         record = json.loads((results_dir / "analysis_report.json").read_text())
         (results_dir / "analysis_report.md").write_text(markdown(record))

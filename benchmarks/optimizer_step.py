@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 from torch import nn
 
 from sweeper.optim import OPTIMIZER_NAMES, build_optimizer
@@ -106,16 +107,8 @@ def bench_width(
 
 
 def machine(device: torch.device, threads: int) -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     info: dict[str, object] = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": threads,
         "torch": torch.__version__,

@@ -29,16 +29,10 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = Path(sys.executable).parent / "sweep"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def grid(results: Path, steps: int, slots: int) -> dict:

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from sweeper.data import load_data, train_batches
 from sweeper.models import build_model
@@ -33,14 +34,6 @@ from sweeper.spec import DataConfig, TrialSpec
 from sweeper.train import NormLogger
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def make_spec(width: int, args: argparse.Namespace, data_cfg: DataConfig, fp: str) -> TrialSpec:

@@ -239,20 +239,27 @@ def status(
     console.print(f"{store.path}: {sum(counts.values())} stored ({summary}){left}")
 
 
+# The options `report` and `analyze` share.
+Results = Annotated[Path, typer.Argument(help="A sweep's folder, or a root holding several.")]
+Metric = Annotated[str, typer.Option(help="final_val, smoothed_train or last_frac.")]
+PredictWidth = Annotated[
+    int | None, typer.Option(help="Predict the optimal lr at this width.", min=1)
+]
+Horizons = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--horizon", help="Token horizon for norm transfer and scaling fits (repeatable).", min=1
+    ),
+]
+
+
 @app.command()
 def report(
-    results: Annotated[Path, typer.Argument(help="A sweep's folder, or a root holding several.")],
+    results: Results,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder.")] = None,
-    metric: Annotated[
-        str, typer.Option(help="final_val, smoothed_train or last_frac.")
-    ] = "final_val",
-    predict_width: Annotated[
-        int | None, typer.Option(help="Predict the optimal lr at this width.", min=1)
-    ] = None,
-    horizon: Annotated[
-        list[int] | None,
-        typer.Option(help="Token horizon for norm transfer and scaling fits (repeatable).", min=1),
-    ] = None,
+    metric: Metric = "final_val",
+    predict_width: PredictWidth = None,
+    horizons: Horizons = None,
 ) -> None:
     """Write report.html, its figures and fits.json."""
     from analysis import AnalysisError
@@ -260,7 +267,7 @@ def report(
 
     try:
         path = write_report(
-            results, out, metric=metric, predict_width=predict_width, horizons=horizon or None
+            results, out, metric=metric, predict_width=predict_width, horizons=horizons or None
         )
     except AnalysisError as err:
         _fail(str(err))
@@ -269,17 +276,10 @@ def report(
 
 @app.command()
 def analyze(
-    results: Annotated[Path, typer.Argument(help="A sweep's folder, or a root holding several.")],
-    metric: Annotated[
-        str, typer.Option(help="final_val, smoothed_train or last_frac.")
-    ] = "final_val",
-    predict_width: Annotated[
-        int | None, typer.Option(help="Predict the optimal lr at this width.", min=1)
-    ] = None,
-    horizon: Annotated[
-        list[int] | None,
-        typer.Option(help="Token horizon for norm transfer and scaling fits (repeatable).", min=1),
-    ] = None,
+    results: Results,
+    metric: Metric = "final_val",
+    predict_width: PredictWidth = None,
+    horizons: Horizons = None,
 ) -> None:
     """Print the optimal-lr and transfer tables."""
     from analysis import AnalysisError
@@ -290,7 +290,7 @@ def analyze(
             results,
             metric=metric,
             predict_width=predict_width,
-            horizons=horizon or None,
+            horizons=horizons or None,
             console=console,
         )
     except AnalysisError as err:

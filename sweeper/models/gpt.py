@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sweeper.models.base import TokenModel
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) times a learned gain (a `vector` parameter, initialised to 1)."""
@@ -108,7 +110,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class GPT(nn.Module):
+class GPT(TokenModel):
     def __init__(
         self,
         vocab_size: int,
@@ -149,24 +151,6 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm_f(x))
-
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy in nats (computed in float32 under autocast)."""
-        logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-
-    def param_roles(self) -> dict[str, str]:
-        roles = {}
-        for name, p in self.named_parameters():
-            if p.ndim < 2:
-                roles[name] = "vector"
-            elif name == "wte.weight":
-                roles[name] = "input"
-            elif name == "lm_head.weight":
-                roles[name] = "output"
-            else:
-                roles[name] = "hidden"
-        return roles
 
     def coord_layers(self) -> list[tuple[str, nn.Module]]:
         """The layers whose outputs a coord check follows, from input to output."""

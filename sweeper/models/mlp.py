@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sweeper.models.base import TokenModel
+
 PAD_TOKEN = 0
 
 
@@ -47,7 +49,7 @@ class ContextEmbedding(nn.Embedding):
         return out.view(B, T, -1)
 
 
-class MLP(nn.Module):
+class MLP(TokenModel):
     def __init__(
         self, vocab_size: int, width: int, depth: int, context: int, zero_init_out: bool = False
     ):
@@ -77,23 +79,6 @@ class MLP(nn.Module):
         for layer in self.hidden:
             x = math.sqrt(2) * F.relu(layer(x))
         return self.lm_head(x)
-
-    def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
-        logits = self(idx)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-
-    def param_roles(self) -> dict[str, str]:
-        roles = {}
-        for name, p in self.named_parameters():
-            if p.ndim < 2:
-                roles[name] = "vector"
-            elif name == "wte.weight":
-                roles[name] = "input"
-            elif name == "lm_head.weight":
-                roles[name] = "output"
-            else:
-                roles[name] = "hidden"
-        return roles
 
     def coord_layers(self) -> list[tuple[str, nn.Module]]:
         """Pre-activations of each layer and the logits, from input to output."""
