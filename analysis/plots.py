@@ -498,7 +498,7 @@ def plot_coord_check(an: Analysis) -> Figure | None:
         ax.set_xlabel("width (log2 scale)")
         ax.set_ylabel("mean |activation| (log2 scale)")
         ax.set_title(
-            f"{opt}, lr 2^{lr:g}: step {shown_steps[-1]} solid, step {shown_steps[0]} dashed",
+            f"{opt}, lr 2^{lr:.2f}: step {shown_steps[-1]} solid, step {shown_steps[0]} dashed",
             fontsize=9,
         )
         ax.grid(alpha=0.3, which="both")
