@@ -331,7 +331,8 @@ def conclusions(an: Analysis) -> list[str]:
                 f" horizon x width fits: {verdict}."
             )
     for law in an.scaling.lr_law:
-        if law["status"] == "ok":
+        # A law through as many points as it has terms fits anything: not a finding.
+        if law["status"] == "ok" and law.get("dof", 0) > 0:
             terms = law["terms"]
             parts = []
             if "a" in terms:
@@ -748,7 +749,7 @@ def print_summary(
                 ],
             )
     for line in conclusions(an):
-        console.print(f"• {line}", highlight=False)
+        console.print(f"• {line}", highlight=False, markup=False)
 
 
 def _print_table(
