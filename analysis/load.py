@@ -44,6 +44,7 @@ CONFIG_COLUMNS = (
     "attn_scale",
     "mlp_context",
     "data",
+    "data_fingerprint",  # the same corpus on two machines can differ: never pool the two
     "vocab_size",
     "batch_size",
     "steps",
@@ -84,6 +85,7 @@ _LABEL_NAMES = {
     "lr_vector": "vec",
     "zero_init_out": "zero_out",
     "seq_len": "T",
+    "data_fingerprint": "data",
 }
 
 
