@@ -16,6 +16,7 @@ This module needs pyarrow only (no torch, no Ray), so `analysis` can use it on a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import uuid
@@ -222,8 +223,6 @@ class Store:
                 ):
                     self.fs.delete_file(info.path)
         if grid_text is not None:
-            import hashlib
-
             digest = hashlib.sha256(grid_text.encode()).hexdigest()[:12]
             self.fs.create_dir(f"{self.path}/grid-history", recursive=True)
             for target in (f"{self.path}/grid.yaml", f"{self.path}/grid-history/{digest}.yaml"):
