@@ -45,6 +45,10 @@ def _load(grid: Path) -> SweepSpec:
         _fail(str(err))
 
 
+def _octave(x: float) -> str:
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
 def _cells_table(trials: list[TrialSpec], finished: set[str]) -> Table:
     """One row per cell (everything but lr and seed), with its lr range and progress."""
     cells: dict[tuple, list[TrialSpec]] = defaultdict(list)
@@ -89,7 +93,11 @@ def _cells_table(trials: list[TrialSpec], finished: set[str]) -> Table:
             for n, m in zip(("lr_in", "lr_hid", "lr_out", "lr_vec"), mults, strict=True)
             if m != 1.0
         ]
-        lr_text = f"{lrs[0]:g}" if len(lrs) == 1 else f"{lrs[0]:g}..{lrs[-1]:g} ({len(lrs)})"
+        lr_text = (
+            _octave(lrs[0])
+            if len(lrs) == 1
+            else f"{_octave(lrs[0])}..{_octave(lrs[-1])} ({len(lrs)})"
+        )
         table.add_row(
             opt,
             model,

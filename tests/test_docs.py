@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from sweeper.optim import OPTIMIZER_NAMES, accepted_hparams
-from sweeper.spec import OPTIMIZERS
+from sweeper.spec import OPTIMIZERS, expand, parse_spec
 from sweeper.store import TABLES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +38,13 @@ def test_readme_documents_every_optimizer_setting():
         assert f"| `{name}` |" in README
         for key in accepted_hparams(name):
             assert key.startswith("lr_") or f"`{key}`" in README, (name, key)
+
+
+def test_readme_grid_file_example_is_a_valid_grid():
+    start = README.index("```yaml\nname: ")
+    block = README[start + len("```yaml\n") : README.index("```", start + 7)]
+    spec = parse_spec(yaml.safe_load(block), "README")
+    assert len(expand(spec, "fp")) > 100
 
 
 def test_the_grid_schema_knows_exactly_the_registry_optimizers():
