@@ -7,6 +7,7 @@ results through the same `execute_trial`, so the store never depends on the exec
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -42,17 +43,28 @@ class Plan:
 
 
 def check_optimizer_settings(spec: SweepSpec) -> None:
-    """Unknown optimizer settings are grid errors: catch them before anything runs."""
-    from sweeper.optim import accepted_hparams
+    """Unknown optimizer settings, or values an optimizer refuses, are grid errors: catch them
+    before anything runs by building each optimizer setting once on a tiny stand-in GPT."""
+    from sweeper.models import GPT
+    from sweeper.optim import accepted_hparams, build_optimizer
 
+    tiny = GPT(vocab_size=16, width=8, depth=1, seq_len=4, head_dim=8)
     for name, axis in spec.grid.optimizer.items():
         accepted = accepted_hparams(name)
-        for key in axis.settings():
+        settings = axis.settings()
+        for key in settings:
             if key not in accepted:
                 raise SweepError(
                     f"grid.optimizer.{name}.{key}: unknown setting for {name}; "
                     f"accepted: {', '.join(sorted(accepted))}"
                 )
+        for combo in itertools.product(*settings.values()):
+            try:
+                build_optimizer(
+                    name, tiny, lr=axis.lrs()[0], **dict(zip(settings, combo, strict=True))
+                )
+            except (ValueError, TypeError) as err:
+                raise SweepError(f"grid.optimizer.{name}: {err}") from None
 
 
 def plan(spec: SweepSpec, results: str | None = None, *, allow_missing_data: bool = False) -> Plan:

@@ -183,6 +183,10 @@ MALFORMED = {
         {**TINY, "grid": {**TINY["grid"], "optimizer": {"scion": {"lr": 1, "momentun": 0.1}}}},
         "grid.optimizer.scion.momentun",
     ),
+    "bad_setting_value.yaml": (
+        {**TINY, "grid": {**TINY["grid"], "optimizer": {"scion": {"lr": 1, "lmo_hidden": "x"}}}},
+        "grid.optimizer.scion: unknown lmo_hidden 'x'",
+    ),
     "typo_field.yaml": ({**TINY, "trian": {"steps": 1}}, "trian: unknown field"),
     "bad_width.yaml": ({**TINY, "grid": {**TINY["grid"], "width": ["wide"]}}, "grid.width.0"),
     "missing_text.yaml": ({**TINY, "data": {"text": "/nonexistent/corpus.txt"}}, "corpus.txt"),

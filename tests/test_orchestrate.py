@@ -57,3 +57,18 @@ def test_unknown_optimizer_setting_is_refused_before_anything_runs(tmp_path):
     bad = spec(tmp_path, optimizer={"muon": {"lr": 0.02, "adam_lr": 1e-3, "nesterow": True}})
     with pytest.raises(SweepError, match=r"grid.optimizer.muon.nesterow.*accepted: .*nesterov"):
         plan(bad)
+
+
+@pytest.mark.parametrize(
+    ("setting", "words"),
+    [
+        ({"lmo_hidden": "foo"}, "unknown lmo_hidden 'foo'"),
+        ({"momentum": [0.1, 0.0]}, "momentum"),
+    ],
+)
+def test_values_an_optimizer_refuses_are_grid_errors(tmp_path, setting, words):
+    bad = spec(tmp_path, optimizer={"scion": {"lr": 0.01, **setting}})
+    with pytest.raises(SweepError, match=r"grid.optimizer.scion: ") as err:
+        plan(bad)
+    assert words in str(err.value)
+    assert not any(tmp_path.iterdir())
