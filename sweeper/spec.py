@@ -119,6 +119,9 @@ class TrainConfig(_Strict):
     warmup: float = Field(0.0, ge=0, lt=1)  # fraction of steps, linear from 0
     warmdown: float = Field(0.0, ge=0, le=1)  # fraction of steps at the end, linear to 0
     grad_clip: float = Field(0.0, ge=0)  # global norm; 0 = off
+    # Sequences per forward/backward pass when a batch does not fit in memory: the gradient of
+    # each batch is accumulated over batch_size / micro_batch passes. Default: the whole batch.
+    micro_batch: PositiveInt | None = None
     log_every: PositiveInt = 10
     eval_every: PositiveInt = 50
     eval_batches: PositiveInt = 4
@@ -245,6 +248,17 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     execution: Execution = Execution()
 
+    @model_validator(mode="after")
+    def _micro_batches_divide(self) -> SweepSpec:
+        micro = self.train.micro_batch
+        uneven = [b for b in self.grid.batch_size if micro and b > micro and b % micro]
+        if uneven:
+            raise ValueError(
+                f"train.micro_batch {micro} must divide every batch size; {uneven[0]} is not "
+                "a multiple of it"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------- one trial
 
@@ -270,6 +284,7 @@ class TrialSpec(_Strict):
     warmup: float
     warmdown: float
     grad_clip: float
+    grad_accum: int = 1  # forward/backward passes per step (batch_size / micro_batch)
     log_every: int
     eval_every: int
     eval_batches: int
@@ -291,6 +306,8 @@ class TrialSpec(_Strict):
     @property
     def trial_id(self) -> str:
         fields = self.model_dump(mode="json", exclude={"sweep", "device"})
+        if self.grad_accum == 1:  # the default: ids from before the field existed still hold
+            del fields["grad_accum"]
         # The data's identity is its fingerprint, not where it lies on one machine.
         for key in ("text", "shards", "val_shards"):
             fields["data"][key] = fields["data"][key] is not None
@@ -412,6 +429,7 @@ def expand(spec: SweepSpec, data_fingerprint: str) -> list[TrialSpec]:
                     warmup=t.warmup,
                     warmdown=t.warmdown,
                     grad_clip=t.grad_clip,
+                    grad_accum=max(1, batch // t.micro_batch) if t.micro_batch else 1,
                     log_every=t.log_every,
                     eval_every=t.eval_every,
                     eval_batches=t.eval_batches,

@@ -56,6 +56,7 @@ TRIALS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("warmup", pa.float64(), "warm-up, fraction of steps"),
     ("warmdown", pa.float64(), "linear decay to 0 over this final fraction of steps"),
     ("grad_clip", pa.float64(), "global gradient-norm clip (0 = off)"),
+    ("grad_accum", pa.int64(), "forward/backward passes per step (batch_size / micro_batch)"),
     ("log_every", pa.int64(), "steps between rows of the steps table"),
     ("eval_every", pa.int64(), "steps between validation losses"),
     ("eval_batches", pa.int64(), "batches per validation loss"),

@@ -365,6 +365,17 @@ class _Trainer:
         for i, ((name, _), v) in enumerate(zip(layers, torch.stack(found).tolist(), strict=True)):
             self.coord.append({"step": step, "layer_index": i, "layer": name, "mean_abs": v})
 
+    def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
+        """The batch's mean loss; its gradient accumulated over `grad_accum` equal passes."""
+        passes = self.spec.grad_accum
+        total = torch.zeros((), device=self.device)
+        for xs, ys in zip(x.chunk(passes), y.chunk(passes), strict=True):
+            with self.autocast():
+                loss = self.model.loss(xs, ys) / passes
+            loss.backward()
+            total += loss.detach()
+        return total
+
     def emit(self, row: Row) -> None:
         self.rows.append(row)
         if self.sink is not None:
@@ -430,9 +441,7 @@ class _Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
 
-            with self.autocast():
-                loss = model.loss(x, y)
-            loss.backward()
+            loss = self.forward_backward(x, y)
             if spec.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
             before = None

@@ -137,3 +137,12 @@ def test_relative_paths_are_made_absolute_and_ids_follow_the_data_not_its_path(
     moved = spec.model_copy(update={"data": spec.data.model_copy(update={"text": "/x/c.txt"})})
     assert expand(spec, "fp")[0].trial_id == expand(moved, "fp")[0].trial_id
     assert expand(spec, "fp")[0].trial_id != expand(spec, "other")[0].trial_id
+
+
+def test_micro_batch_sets_gradient_accumulation_and_must_divide_the_batch():
+    spec = parse_spec(with_(train={"steps": 10, "micro_batch": 4}, grid__batch_size=[4, 8, 16]))
+    assert {t.batch_size: t.grad_accum for t in expand(spec, "fp")} == {4: 1, 8: 2, 16: 4}
+    plain = {t.trial_id for t in expand(parse_spec(with_(grid__batch_size=[4])), "fp")}
+    assert plain == {t.trial_id for t in expand(spec, "fp") if t.batch_size == 4}
+    with pytest.raises(SpecError, match="micro_batch 3 must divide every batch size; 8"):
+        parse_spec(with_(train={"steps": 10, "micro_batch": 3}, grid__batch_size=[8]))

@@ -253,3 +253,13 @@ def test_norms_of_broken_or_zero_weights_do_not_raise():
     with torch.no_grad():
         model.blocks[0].mlp.c_fc.weight[0, 0] = float("nan")
     assert all(math.isnan(v) for v in logger.norms(before).values())
+
+
+def test_gradient_accumulation_matches_the_whole_batch():
+    whole = run_trial(trial(optimizer="adamw", lr=2**-8, batch_size=8))
+    split = run_trial(trial(optimizer="adamw", lr=2**-8, batch_size=8, grad_accum=4))
+    a = [r["train_loss"] for r in whole.steps]
+    b = [r["train_loss"] for r in split.steps]
+    assert a[0] == b[0]  # the same weights and batch before any update
+    assert b == pytest.approx(a, rel=1e-4)  # then equal up to float summation order
+    assert split.summary["final_val_loss"] == pytest.approx(whole.summary["final_val_loss"], 1e-4)
