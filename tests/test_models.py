@@ -7,47 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from trial_specs import make_trial
 
-from sweeper.data import fingerprint
 from sweeper.models import GPT, MLP, build_model
 from sweeper.optim import OPTIMIZER_NAMES, build_optimizer, param_roles
-from sweeper.spec import DataConfig, TrialSpec
+from sweeper.spec import TrialSpec
 
 torch.set_num_threads(1)
 V = 256
 
 
 def trial(**changes) -> TrialSpec:
-    cfg = DataConfig(corpus="stdlib")
-    fields = dict(
-        sweep="t",
-        model="gpt",
-        width=64,
-        depth=2,
-        seq_len=32,
-        head_dim=64,
-        zero_init_out=False,
-        attn_scale="sqrt",
-        mlp_context=4,
-        data=cfg,
-        data_fingerprint=fingerprint(cfg),
-        vocab_size=V,
-        batch_size=4,
-        steps=10,
-        schedule="constant",
-        warmup=0.0,
-        warmdown=0.0,
-        grad_clip=0.0,
-        log_every=5,
-        eval_every=10,
-        eval_batches=1,
-        coord_check=0,
-        seed=0,
-        optimizer="adamw",
-        lr=1e-3,
-    )
-    fields.update(changes)
-    return TrialSpec(**fields)
+    return make_trial(**changes)
 
 
 @pytest.mark.parametrize(

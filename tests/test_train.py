@@ -6,16 +6,16 @@ import math
 
 import pytest
 import torch
+from trial_specs import make_trial
 
-from sweeper.data import DataError, fingerprint
+from sweeper.data import DataError
 from sweeper.models import GPT
-from sweeper.spec import DataConfig, TrialSpec
+from sweeper.spec import TrialSpec
 from sweeper.store import COORD_COLUMNS, STEPS_COLUMNS, TRIALS_COLUMNS, Store
 from sweeper.train import NormLogger, lr_multiplier, run_trial, sigma_max
 
 torch.set_num_threads(1)
 
-CFG = DataConfig(corpus="stdlib")
 STEP_KEYS = [name for name, _, _ in STEPS_COLUMNS if name != "trial_id"]
 SUMMARY_KEYS = {
     "n_params",
@@ -39,36 +39,9 @@ TIMING = {"elapsed_s", "tokens_per_s"}
 
 
 def trial(**changes) -> TrialSpec:
-    fields = dict(
-        sweep="t",
-        model="gpt",
-        width=64,
-        depth=2,
-        seq_len=64,
-        head_dim=64,
-        zero_init_out=False,
-        attn_scale="sqrt",
-        mlp_context=8,
-        data=CFG,
-        data_fingerprint=fingerprint(CFG),
-        vocab_size=256,
-        batch_size=8,
-        steps=100,
-        schedule="constant",
-        warmup=0.0,
-        warmdown=0.0,
-        grad_clip=0.0,
-        log_every=25,
-        eval_every=50,
-        eval_batches=2,
-        coord_check=0,
-        seed=0,
-        optimizer="adamw",
-        lr=2**-8,
-        device="cpu",
-    )
-    fields.update(changes)
-    return TrialSpec(**fields)
+    """100 steps of 8 x 64 tokens, a row every 25 steps: long enough to see learning."""
+    base = dict(seq_len=64, mlp_context=8, batch_size=8, steps=100, log_every=25)
+    return make_trial(**{**base, "eval_every": 50, "eval_batches": 2, "lr": 2**-8, **changes})
 
 
 # Learning rates that train the width-64 depth-2 proxy well in 100 steps (found by a scan).
