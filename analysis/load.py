@@ -334,8 +334,3 @@ def _labels(trials: pd.DataFrame, varying: list[str]) -> pd.Series:
             parts += [f"{k}={hp.get(k)}" for k in hp_keys[str(row["optimizer"])]]
         labels[cell] = " ".join(parts)
     return trials["cell"].map(labels)
-
-
-def describe_config(row: pd.Series | dict, columns: list[str]) -> str:
-    """'width=256 B=32' for the given columns of one row (hparams shown as its JSON)."""
-    return " ".join(format_value(c, row[c]) for c in columns) or "(all trials)"

@@ -156,8 +156,8 @@ def run(
         p = plan(spec, results, allow_missing_data=dry_run)
     except SweepError as err:
         _fail(str(err))
-    finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
     if dry_run:
+        finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
         console.print(_cells_table(p.trials, finished))
         console.print(
             f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run -> {p.store.path}"

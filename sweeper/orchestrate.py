@@ -131,7 +131,7 @@ def run_local(p: Plan, progress: SweepProgress) -> None:
         started = datetime.now(timezone.utc)
         for attempt in range(p.spec.execution.retries + 1):
             try:
-                status = execute_trial(trial, p.store, lambda row, t=trial: progress.row(t, row))
+                status = execute_trial(trial, p.store)
                 break
             except KeyboardInterrupt:
                 raise
@@ -294,10 +294,11 @@ def run_ray(
             shutil.rmtree(storage, ignore_errors=True)
         # A trial that still raised after its retries is stored as failed; the others were
         # stored by the trial itself.
+        finished = p.store.finished_ids()
         for result in results:
             if result.error is not None:
                 tid = TrialSpec.model_validate_json(result.config["trial"]).trial_id
-                if tid not in p.store.finished_ids():
+                if tid not in finished:
                     p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
     finally:
         ray.shutdown()

@@ -35,7 +35,7 @@ def _last_line(path: str | None) -> str:
 
 
 class SweepProgress:
-    """Counts trials by state and draws them; the executors call started/row/finished."""
+    """Counts trials by state and draws them; the executors call started and finished."""
 
     def __init__(self, name: str, total: int, already_done: int, console: Console):
         self.console = console
@@ -72,11 +72,6 @@ class SweepProgress:
     def started(self, trial: TrialSpec) -> None:
         self.running[trial.trial_id] = time.monotonic()
         self._refresh()
-
-    def row(self, trial: TrialSpec, row: dict[str, Any]) -> None:
-        """Live rows are for Ray's dashboard; the bar only needs to know the trial runs."""
-        if trial.trial_id not in self.running:
-            self.started(trial)
 
     def finished(self, trial: TrialSpec, status: str, note: str = "") -> None:
         began = self.running.pop(trial.trial_id, time.monotonic())
