@@ -1,8 +1,26 @@
-"""The optimal learning rate of each cell: grid argmin, parabola refinement, edge flag, bootstrap.
+"""The optimal learning rate of each cell, its interval, and the flags that forbid claims.
 
 A cell is one configuration with every field but lr and seed fixed. Its loss curve is the mean
 over seeds at each lr of the grid; a diverged trial counts as +inf (so an lr where any seed
-diverged is never the argmin), an lr with no trial is simply absent.
+diverged is never the argmin), an lr with no trial is simply absent. The optimum is located by
+the asymmetric fit of location.py.
+
+Uncertainty. A seed fixes initialisation and batch order for every lr of a cell (and of every
+width), so part of a seed's effect is an offset shared by all its lrs: it moves the curve up or
+down and the optimum not at all. What moves the optimum is the lr-by-seed interaction. Its
+variance is measured from the seeds' residuals after removing each lr's mean and each seed's
+offset (a two-way layout), over the points of each cell's fit window, pooled over the cells of
+one optimizer (noise grows near divergence, and optimizers differ). The interval then comes from
+a parametric bootstrap: the mean curve plus Gaussian noise of that variance over the seeds at
+each lr, with the variance itself drawn from its chi-square distribution (so a variance measured
+from few seeds widens the interval as Student's t does), located again. Percentiles of the
+located draws give the 95 % interval, which is then widened (in quadrature) by the location
+method's own error on the grid at hand (location.method_error). With one seed there is no
+measured noise: no interval is given, and the report says so.
+
+Flags: `edge` (the optimum is on the lr grid's edge: widen the grid), `divergence-bounded`
+(the loss still falls at the last lr that did not diverge: the optimum lies near the cliff,
+location unknown). Neither has an interval, and neither enters a transfer fit.
 """
 
 from __future__ import annotations
@@ -12,123 +30,92 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .fitting import ParabolaFit, fit_parabola
 from .load import CONFIG_COLUMNS, Results
+from .location import (
+    WINDOW_OCTAVES,
+    CurveFit,
+    fit_curves,
+    locate_optimum,
+    method_error,
+    shape_ambiguity,
+)
 
-N_BOOTSTRAP = 1000
-# Parabola refinement uses this many grid points centred on the argmin (shifted inward at the
-# grid's ends): 5 on a half-octave grid spans 2 octaves around the minimum.
-WINDOW = 5
+__all__ = ["WINDOW", "Optima", "find_optima", "locate_optimum", "loss_at"]
+
+N_BOOTSTRAP = 500
+WINDOW = WINDOW_OCTAVES
 # Near-optimal set: lrs whose mean loss is within this fraction of the cell's best (Step Law).
 NEAR_OPTIMAL = 0.0025
-# Resample seeds only when every lr of the cell has at least this many: the spread of 2 seeds
-# has one degree of freedom, and its bootstrap intervals covered the truth ~87 % of the time on
-# synthetic stores; the pooled spread (parametric) covers it as advertised.
-MIN_SEEDS_TO_RESAMPLE = 3
-# One seed and no seed-to-seed spread anywhere in the store: the parametric bootstrap uses the
-# RMS residual of the cell's parabola fit, but never less than this fraction of the loss (a
-# perfect parabola through 3 points has no residual at all, yet the loss is not noise-free).
-NOISE_FLOOR_REL = 0.001
+Z_975 = 1.959964
 
 
 @dataclass
-class Located:
-    """Optima of N loss curves on one lr grid (arrays of shape (N,))."""
+class Noise:
+    """The lr-by-seed noise of one optimizer's losses: standard deviation and its degrees of
+    freedom (0: not measured)."""
 
-    x_star: np.ndarray  # log2 lr*, NaN when every point diverged
-    loss_star: np.ndarray
-    argmin: np.ndarray  # index into the grid
-    refined: np.ndarray  # the parabola was used
-    interior: np.ndarray  # inside [x_1, x_{L-2}] and the argmin not at an end
-    valid: np.ndarray  # some point is finite
-    fit: ParabolaFit
-
-
-def locate_optimum(x: np.ndarray, y: np.ndarray, window: int = WINDOW) -> Located:
-    """Optima of curves `y` (N, L) on the ascending grid `x` (L,) (log2 lr).
-
-    +inf marks a diverged point, NaN an unmeasured one. The parabola through the `window` grid
-    points around the argmin refines it; a fit that is not convex (a <= 0) or has fewer than 3
-    finite points falls back to the argmin, and a vertex outside the fitted points is clipped
-    to them (the parabola is not trusted beyond its data).
-    """
-    x = np.asarray(x, float)
-    y = np.atleast_2d(np.asarray(y, float))
-    n_grid = len(x)
-    for_argmin = np.where(np.isnan(y), np.inf, y)
-    valid = np.isfinite(for_argmin).any(axis=1)
-    i = np.argmin(for_argmin, axis=1)
-    k = min(window, n_grid)
-    start = np.clip(i - k // 2, 0, n_grid - k)
-    idx = start[:, None] + np.arange(k)
-    fit = fit_parabola(x[idx], np.take_along_axis(y, idx, axis=1))
-    refined = fit.convex & valid
-    vertex = np.clip(fit.vertex, fit.x_lo, fit.x_hi)
-    grid_min = np.take_along_axis(for_argmin, i[:, None], axis=1)[:, 0]
-    with np.errstate(invalid="ignore"):
-        x_star = np.where(refined, vertex, np.where(valid, x[i], np.nan))
-        loss_star = np.where(refined, fit(vertex), np.where(valid, grid_min, np.nan))
-    if n_grid >= 3:
-        interior = valid & (i > 0) & (i < n_grid - 1) & (x_star >= x[1]) & (x_star <= x[-2])
-    else:
-        interior = np.zeros(len(y), bool)
-    return Located(x_star, loss_star, i, refined, interior, valid, fit)
+    sigma: float
+    dof: int
 
 
 @dataclass
 class Optima:
     """Per-cell optima.
 
-    table: one row per cell (config columns, label, log2_lr_star, ci, edge, ...).
+    table: one row per cell (config columns, label, log2_lr_star, ci_lo/ci_hi, status, ...).
     curves: one row per (cell, lr): mean loss over seeds (inf if any seed diverged), sem, counts.
-    samples: cell -> bootstrap samples of log2 lr* (NaN where a resample had no optimum); all
-        arrays share one length so transfer fits can combine them resample by resample.
-    seed_spread: optimizer -> pooled seed-to-seed standard deviation of the loss ("*": all).
+    point: cell -> the fit of its mean curve (a CurveFit of one row).
+    draws: cell -> the fits of its bootstrap draws (a CurveFit of n_bootstrap rows; draws of
+        every cell share their index, so transfer fits combine them draw by draw). Cells whose
+        noise is not measured have none.
+    boot: cell -> its bootstrap draws of the mean curve, (n_bootstrap, L) on the cell's grid.
+    noise: optimizer -> Noise.
     """
 
     table: pd.DataFrame
     curves: pd.DataFrame
-    samples: dict[int, np.ndarray]
-    seed_spread: dict[str, float]
+    point: dict[int, CurveFit]
+    draws: dict[int, CurveFit]
+    boot: dict[int, np.ndarray]
+    noise: dict[str, Noise]
+    n_bootstrap: int
     _curve_index: dict[int, pd.DataFrame] | None = field(default=None, repr=False)
 
     def curve(self, cell: int) -> pd.DataFrame:
-        """The loss curve of one cell (indexed once: per-family filtering of the whole frame
-        dominated the transfer fits on large stores)."""
+        """The loss curve of one cell."""
         if self._curve_index is None:
             self._curve_index = {int(c): g for c, g in self.curves.groupby("cell", sort=False)}
         return self._curve_index.get(int(cell), self.curves.iloc[:0])
 
+    def samples(self, cell: int) -> np.ndarray | None:
+        """Bootstrap draws of the cell's log2 lr* (NaN where a draw had no optimum)."""
+        d = self.draws.get(int(cell))
+        return None if d is None else d.x0
 
-def seed_spread(usable: pd.DataFrame) -> dict[str, float]:
-    """Pooled within-(cell, lr) standard deviation of finite losses, per optimizer and overall."""
-    finite = usable[np.isfinite(usable["loss"])]
-    g = finite.groupby(["cell", "log2_lr"])["loss"]
-    stats = pd.DataFrame({"var": g.var(ddof=1), "n": g.size()}).reset_index()
-    stats = stats[stats["n"] >= 2]
-    if stats.empty:
-        return {}
-    stats["optimizer"] = stats["cell"].map(
-        usable.drop_duplicates("cell").set_index("cell")["optimizer"]
-    )
-    stats["ss"] = stats["var"] * (stats["n"] - 1)
-    stats["dof"] = stats["n"] - 1
-    out = {"*": float(np.sqrt(stats["ss"].sum() / stats["dof"].sum()))}
-    for opt, s in stats.groupby("optimizer"):
-        out[str(opt)] = float(np.sqrt(s["ss"].sum() / s["dof"].sum()))
-    return out
+    def excess_draws(self, cell: int, x: np.ndarray) -> np.ndarray | None:
+        """Per bootstrap draw, the cell's loss at log2 lr x[draw] above that draw's minimum:
+        the draw's fitted curve inside its span, its curve interpolated beyond (inf across a
+        diverged point, NaN off the grid)."""
+        d = self.draws.get(int(cell))
+        if d is None:
+            return None
+        out = d.excess(x)
+        grid = self.curve(cell)["log2_lr"].to_numpy(float)
+        for k in np.flatnonzero(np.isnan(out) & np.isfinite(x)):
+            out[k] = _interpolate(grid, self.boot[int(cell)][k], float(x[k])) - d.c[k]
+        return out
 
 
-def _cell_matrix(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(grid x (L,), losses (L, R)): replicates packed to the left, NaN-padded, inf = diverged."""
+def _cell_matrix(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid x (L,), seeds (S,), losses (L, S)): NaN where unmeasured, inf where diverged."""
     x, li = np.unique(part["log2_lr"].to_numpy(), return_inverse=True)
-    rep = part.groupby("log2_lr").cumcount().to_numpy()
-    y = np.full((len(x), rep.max() + 1), np.nan)
-    y[li, rep] = np.where(part["diverged"].to_numpy(), np.inf, part["loss"].to_numpy())
-    return x, y
+    seeds, si = np.unique(part["seed"].to_numpy(), return_inverse=True)
+    y = np.full((len(x), len(seeds)), np.nan)
+    y[li, si] = np.where(part["diverged"].to_numpy(), np.inf, part["loss"].to_numpy())
+    return x, seeds, y
 
 
-def _mean_over_replicates(y: np.ndarray) -> np.ndarray:
+def _mean(y: np.ndarray) -> np.ndarray:
     """Mean of each row's measured values (inf if any is inf), NaN for a row with none."""
     n = (~np.isnan(y)).sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -146,149 +133,134 @@ def _sem(y: np.ndarray) -> np.ndarray:
     return np.where(n >= 2, np.sqrt(ss / np.maximum(n - 1, 1) / np.maximum(n, 1)), np.nan)
 
 
-def _seed_resamples(y: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, L): at each lr, draw its replicates with replacement and average them.
-
-    The spread of a resampled mean around the sample mean is sqrt((n-1)/n) too small (half
-    the variance with 2 seeds, which made 95 % intervals cover the truth ~80 % of the time on
-    synthetic stores); deviations are scaled up by sqrt(n/(n-1)) to undo that.
-    """
-    counts = (~np.isnan(y)).sum(axis=1)
-    out = np.full((n_boot, len(y)), np.nan)
-    for n in np.unique(counts[counts > 0]):
-        rows = np.flatnonzero(counts == n)
-        vals = y[rows, :n]  # replicates are packed to the left
-        draw = rng.integers(0, n, size=(n_boot, len(rows), n))
-        picked = np.take_along_axis(np.broadcast_to(vals, (n_boot, *vals.shape)), draw, axis=2)
-        with np.errstate(invalid="ignore"):
-            means = picked.mean(axis=2)
-            if n >= 2:
-                centre = vals.mean(axis=1)
-                finite = np.isfinite(means) & np.isfinite(centre)
-                scaled = centre + (means - centre) * np.sqrt(n / (n - 1))
-                means = np.where(finite, scaled, means)
-            out[:, rows] = means
-    return out
+def _interaction(x: np.ndarray, y: np.ndarray, centre: float) -> tuple[float, int]:
+    """Sum of squares and degrees of freedom of the lr-by-seed interaction over the lrs within
+    the fit window of `centre` where every seed of the cell was measured and finite."""
+    rows = (np.abs(x - centre) <= WINDOW + 1e-9) & np.isfinite(y).all(axis=1)
+    z = y[rows]
+    if z.shape[0] < 2 or z.shape[1] < 2:
+        return 0.0, 0
+    resid = z - z.mean(axis=1, keepdims=True) - z.mean(axis=0, keepdims=True) + z.mean()
+    return float((resid**2).sum()), (z.shape[0] - 1) * (z.shape[1] - 1)
 
 
-def _residual_sigma(x: np.ndarray, mean: np.ndarray, located: Located) -> float:
-    """RMS residual of the cell's parabola over its window (degrees of freedom n - 3)."""
-    if not located.refined[0]:
-        return float("nan")
-    inside = (x >= located.fit.x_lo[0]) & (x <= located.fit.x_hi[0]) & np.isfinite(mean)
-    dof = int(inside.sum()) - 3
-    if dof < 1:
-        return float("nan")
-    resid = mean[inside] - (
-        located.fit.a[0] * x[inside] ** 2 + located.fit.b[0] * x[inside] + located.fit.c[0]
-    )
-    return float(np.sqrt(np.sum(resid**2) / dof))
+def _status(x: np.ndarray, mean: np.ndarray, fit: CurveFit) -> tuple[str, str | None]:
+    """ok | edge | divergence_bounded | all_diverged | no_data | too_few_lrs, and the edge's
+    side (low | high) when the optimum is on the grid's edge."""
+    finite = np.isfinite(mean)
+    if not finite.any():
+        return ("all_diverged" if np.isinf(mean).any() else "no_data"), None
+    if len(x) < 3:
+        return "too_few_lrs", None
+    i = int(np.argmin(np.where(finite, mean, np.inf)))
+    if i + 1 < len(x) and np.isinf(mean[i + 1]):
+        return "divergence_bounded", None
+    x0 = float(fit.x0[0])
+    if i == 0 or x0 < x[1]:
+        return "edge", "low"
+    if i == len(x) - 1 or x0 > x[-2]:
+        return "edge", "high"
+    return "ok", None
+
+
+def _flags(status: str, n_seeds: int, measured: bool) -> list[str]:
+    flags = {"edge": ["edge"], "divergence_bounded": ["divergence-bounded"]}.get(status, [])
+    if n_seeds < 2 and not measured:
+        flags.append("single-seed")
+    return flags
 
 
 def find_optima(
     results: Results,
     *,
     n_bootstrap: int = N_BOOTSTRAP,
-    window: int = WINDOW,
     seed: int = 0,
 ) -> Optima:
-    """The optimum of every cell with at least one usable trial, with its bootstrap interval."""
+    """The optimum of every cell with at least one usable trial, with its interval."""
     usable = results.usable.sort_values(["cell", "log2_lr", "seed"], kind="stable")
-    spread = seed_spread(usable)
-    rng = np.random.default_rng(seed)
-    rows, curve_parts, samples = [], [], {}
     first = usable.drop_duplicates("cell").set_index("cell")
-
+    cells = []
     for cell, part in usable.groupby("cell", sort=True):
-        x, y = _cell_matrix(part)
-        mean = _mean_over_replicates(y)
+        x, seeds, y = _cell_matrix(part)
+        mean = _mean(y)
+        cells.append(
+            (int(cell), str(first.loc[cell, "optimizer"]), x, y, mean, fit_curves(x, mean))
+        )
+
+    noise = _pooled_noise(cells)
+    rng = np.random.default_rng(seed)
+    # One chi-square draw per optimizer and bootstrap draw: the variance estimate is shared by
+    # the optimizer's cells, so its uncertainty moves them together.
+    scale = {
+        opt: np.sqrt(nz.dof / rng.chisquare(nz.dof, n_bootstrap)) * nz.sigma
+        for opt, nz in noise.items()
+        if nz.dof > 0
+    }
+    rows, curve_parts, point, draws, boots = [], [], {}, {}, {}
+    for cell, opt, x, y, mean, fit in cells:
         n_rep = (~np.isnan(y)).sum(axis=1)
-        sem = _sem(y)
         curve_parts.append(
             pd.DataFrame(
                 {
                     "cell": cell,
                     "log2_lr": x,
                     "mean": mean,
-                    "sem": sem,
+                    "sem": _sem(y),
                     "n": n_rep,
                     "n_diverged": np.isinf(y).sum(axis=1),
                 }
             )
         )
-
-        point = locate_optimum(x, mean[None, :], window)
-        opt = str(first.loc[cell, "optimizer"])
-        sigma = spread.get(opt, spread.get("*", float("nan")))
-        if n_rep.min() >= MIN_SEEDS_TO_RESAMPLE:
-            kind = "seeds"
-            boot = _seed_resamples(y, n_bootstrap, rng)
-        else:
-            # Too few seeds to resample: Gaussian noise on each lr's mean, of the pooled
-            # seed-to-seed spread over sqrt(seeds at that lr).
-            kind = "parametric"
-            if not np.isfinite(sigma):
-                kind = "parametric-residual"
-                resid = _residual_sigma(x, mean, point)
-                floor = NOISE_FLOOR_REL * abs(float(point.loss_star[0]))
-                sigma = max(resid, floor) if np.isfinite(resid) else 5 * floor
-            scale = (sigma if np.isfinite(sigma) else 0.0) / np.sqrt(np.maximum(n_rep, 1))
-            boot = mean[None, :] + rng.standard_normal((n_bootstrap, len(x))) * scale
-            # inf (diverged) stays inf and NaN (unmeasured) stays NaN
-        located = locate_optimum(x, boot, window)
-        draws = np.where(located.valid, located.x_star, np.nan)
-        samples[int(cell)] = draws
-        n_valid = int(np.isfinite(draws).sum())
-        ci = (
-            np.nanquantile(draws, [0.025, 0.975])
-            if n_valid >= max(10, n_bootstrap // 2)
-            else [np.nan, np.nan]
-        )
-
-        valid = bool(point.valid[0])
-        i = int(point.argmin[0])
-        xs = float(point.x_star[0])
-        interior = bool(point.interior[0])
-        if not valid:
-            status, edge_side = "all_diverged" if np.isinf(y).any() else "no_data", None
-        elif len(x) < 3:  # no interior to speak of: neither an optimum nor an edge
-            status, edge_side = "too_few_lrs", None
-        elif interior:
-            status, edge_side = "ok", None
-        else:
-            status = "edge"
-            low = i == 0 or (len(x) >= 2 and xs < x[min(1, len(x) - 1)])
-            edge_side = "low" if low else "high"
-        finite_mean = np.where(np.isfinite(mean), mean, np.nan)
-        best = np.nanmin(finite_mean) if valid else np.nan
-        near = x[finite_mean <= best * (1 + NEAR_OPTIMAL)] if valid else np.array([])
+        point[cell] = fit
+        status, edge_side = _status(x, mean, fit)
+        finite = np.isfinite(mean)
+        i = int(np.argmin(np.where(finite, mean, np.inf))) if finite.any() else 0
+        m_err = method_error(x, finite, i) if finite.any() else np.nan
+        ci = (np.nan, np.nan)
+        interior = np.nan
+        if opt in scale and finite.any():
+            noise_sd = scale[opt][:, None] / np.sqrt(np.maximum(n_rep, 1))[None, :]
+            boot = mean[None, :] + rng.standard_normal((n_bootstrap, len(x))) * noise_sd
+            d = fit_curves(x, boot)  # inf (diverged) stays inf and NaN (unmeasured) NaN
+            draws[cell], boots[cell] = d, boot
+            interior = float(np.mean((d.x0 >= x[1]) & (d.x0 <= x[-2]))) if len(x) >= 3 else 0.0
+            # Shapes that fit as well as the best one but put the optimum elsewhere are as much
+            # the method's error as the grid's resolution is.
+            var = float(np.mean(scale[opt] ** 2) / max(int(n_rep.min()), 1))
+            m_err = float(np.hypot(m_err, shape_ambiguity(x, mean, var)))
+            if status == "ok":
+                ci = _interval(float(fit.x0[0]), d.x0, m_err)
+        x0 = float(fit.x0[0])
+        best = np.min(mean[finite]) if finite.any() else np.nan
+        near = x[finite & (mean <= best * (1 + NEAR_OPTIMAL))]
+        measured = opt in scale
         rows.append(
             {
-                "cell": int(cell),
+                "cell": cell,
                 "n_lr": len(x),
                 "n_seeds": int(n_rep.max()),
                 "n_trials": int(n_rep.sum()),
                 "n_diverged": int(np.isinf(y).sum()),
                 "log2_lr_min": float(x[0]),
                 "log2_lr_max": float(x[-1]),
-                "argmin_log2_lr": float(x[i]) if valid else np.nan,
-                "log2_lr_star": xs,
-                "lr_star": float(2.0**xs) if valid else np.nan,
-                "loss_star": float(point.loss_star[0]),
-                "method": "parabola" if point.refined[0] else ("argmin" if valid else "none"),
+                "argmin_log2_lr": float(x[i]) if finite.any() else np.nan,
+                "log2_lr_star": x0,
+                "lr_star": float(2.0**x0) if np.isfinite(x0) else np.nan,
+                "loss_star": float(fit.c[0]),
+                "method": str(fit.kind[0]),
                 "status": status,
+                "flags": _flags(status, int(n_rep.max()), measured),
                 "edge": status == "edge",
                 "edge_side": edge_side,
-                "ci_lo": float(ci[0]),
-                "ci_hi": float(ci[1]),
-                "interior_frac": float(located.interior.mean()),
-                "bootstrap": kind,
-                "seed_sigma": float(sigma) if sigma is not None else np.nan,
-                "parabola_a": float(point.fit.a[0]) if point.refined[0] else np.nan,
-                "parabola_b": float(point.fit.b[0]) if point.refined[0] else np.nan,
-                "parabola_c": float(point.fit.c[0]) if point.refined[0] else np.nan,
-                "fit_lo": float(point.fit.x_lo[0]) if point.refined[0] else np.nan,
-                "fit_hi": float(point.fit.x_hi[0]) if point.refined[0] else np.nan,
+                "ci_lo": ci[0],
+                "ci_hi": ci[1],
+                "interior_frac": interior,
+                "noise": "seeds" if measured else "none",
+                "seed_sigma": noise[opt].sigma if opt in noise else np.nan,
+                "noise_dof": noise[opt].dof if opt in noise else 0,
+                "method_error": m_err,
+                "fit_lo": float(fit.x_lo[0]),
+                "fit_hi": float(fit.x_hi[0]),
                 "near_opt_lo": float(near.min()) if len(near) else np.nan,
                 "near_opt_hi": float(near.max()) if len(near) else np.nan,
             }
@@ -296,23 +268,56 @@ def find_optima(
 
     table = pd.DataFrame(rows)
     if table.empty:
-        return Optima(table, pd.DataFrame(), samples, spread)
+        return Optima(table, pd.DataFrame(), point, draws, boots, noise, n_bootstrap)
     config = first[[*CONFIG_COLUMNS, "label", "tokens", "n_params"]]
     table = config.join(table.set_index("cell"), how="right").reset_index()
     curves = pd.concat(curve_parts, ignore_index=True)
-    return Optima(table, curves, samples, spread)
+    return Optima(table, curves, point, draws, boots, noise, n_bootstrap)
 
 
-def loss_at(optimum: pd.Series, curve: pd.DataFrame, x: float) -> float:
-    """The cell's loss at log2 lr `x`: its parabola inside the fitted window, else the measured
-    curve interpolated linearly in log2 lr (inf if it crosses a diverged point, NaN off-grid)."""
-    if optimum["method"] == "parabola" and optimum["fit_lo"] <= x <= optimum["fit_hi"]:
-        return float(
-            optimum["parabola_a"] * x**2 + optimum["parabola_b"] * x + optimum["parabola_c"]
-        )
+def _pooled_noise(cells: list) -> dict[str, Noise]:
+    ss: dict[str, float] = {}
+    dof: dict[str, int] = {}
+    for _, opt, x, y, _, fit in cells:
+        if not np.isfinite(fit.x0[0]):
+            continue
+        s, d = _interaction(x, y, float(fit.x0[0]))
+        ss[opt] = ss.get(opt, 0.0) + s
+        dof[opt] = dof.get(opt, 0) + d
+    return {
+        opt: Noise(float(np.sqrt(ss[opt] / dof[opt])) if dof[opt] else float("nan"), dof[opt])
+        for opt in ss
+    }
+
+
+def method_sd(error_95: float) -> float:
+    """The location method's error as a standard deviation (method_error is a 95 % figure)."""
+    return error_95 / Z_975 if np.isfinite(error_95) else 0.0
+
+
+def _interval(point: float, samples: np.ndarray, m_err: float) -> tuple[float, float]:
+    """2.5 / 97.5 % of the draws, each side widened in quadrature by the method's error."""
+    ok = np.isfinite(samples)
+    if ok.sum() < max(10, len(samples) // 2):
+        return np.nan, np.nan
+    lo, hi = np.quantile(samples[ok], [0.025, 0.975])
+    m = m_err if np.isfinite(m_err) else 0.0
+    return (
+        point - float(np.hypot(max(point - lo, 0.0), m)),
+        point + float(np.hypot(max(hi - point, 0.0), m)),
+    )
+
+
+def loss_at(curve: pd.DataFrame, x: float) -> float:
+    """The cell's mean loss at log2 lr `x`, interpolated linearly in log2 lr between grid
+    points (inf if it crosses a diverged point, NaN off the grid)."""
     c = curve.sort_values("log2_lr")
-    c = c[~np.isnan(c["mean"].to_numpy())]
-    gx, gy = c["log2_lr"].to_numpy(), c["mean"].to_numpy()
+    return _interpolate(c["log2_lr"].to_numpy(float), c["mean"].to_numpy(float), x)
+
+
+def _interpolate(gx: np.ndarray, gy: np.ndarray, x: float) -> float:
+    keep = ~np.isnan(gy)
+    gx, gy = gx[keep], gy[keep]
     if len(gx) == 0 or x < gx[0] - 1e-9 or x > gx[-1] + 1e-9:
         return float("nan")
     j = int(np.searchsorted(gx, x))

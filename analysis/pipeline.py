@@ -15,6 +15,7 @@ from .norm_transfer import NormTransfer, fit_norm_transfer
 from .optimum import N_BOOTSTRAP, Optima, find_optima
 from .scaling import ScalingFits, fit_scaling, optima_at_horizons
 from .transfer import TransferFit, fit_transfer
+from .verdict import DEFAULT_TOLERANCE
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Analysis:
     layer_lr: list[dict]
     predict_width: int | None
     n_bootstrap: int
+    tolerance: float
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -41,8 +43,10 @@ def analyze(
     horizons: list[int] | None = None,
     n_bootstrap: int = N_BOOTSTRAP,
     seed: int = 0,
+    tolerance: float | None = None,
 ) -> Analysis:
     """Load (unless given loaded results) and fit everything the report shows."""
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if not isinstance(results, Results):
@@ -51,9 +55,11 @@ def analyze(
     timings["load_s"] = t1 - t0
 
     optima = find_optima(results, n_bootstrap=n_bootstrap, seed=seed)
-    width = fit_transfer(optima, "width", varying=results.varying, predict=predict_width)
+    width = fit_transfer(
+        optima, "width", varying=results.varying, predict=predict_width, tolerance=tolerance
+    )
     depth = (
-        fit_transfer(optima, "depth", varying=results.varying)
+        fit_transfer(optima, "depth", varying=results.varying, tolerance=tolerance)
         if results.usable["depth"].nunique() > 1
         else []
     )
@@ -62,7 +68,7 @@ def analyze(
 
     chosen = sorted(set(horizons)) if horizons else default_horizons(results)
     htable = horizon_table(results, chosen)
-    norm = fit_norm_transfer(htable, n_bootstrap=n_bootstrap, seed=seed)
+    norm = fit_norm_transfer(htable, n_bootstrap=n_bootstrap, seed=seed, tolerance=tolerance)
     scaling = fit_scaling(optima_at_horizons(htable), optima.table)
     layer = fit_layer_lr(optima.table)
     timings["horizons_norm_scaling_s"] = time.perf_counter() - t2
@@ -78,5 +84,6 @@ def analyze(
         layer_lr=layer,
         predict_width=predict_width,
         n_bootstrap=n_bootstrap,
+        tolerance=tolerance,
         timings=timings,
     )

@@ -27,10 +27,15 @@ fits.json (JSON-clean: NaN and inf are written as null; lrs in log2 units, "octa
                        log2_norm_opt with ci_lo/ci_hi, loss_opt, parabola a/b/c over
                        x_lo..x_hi in log2 norm, n_points, weighted, bootstrap, status), best
                        (per config and horizon: the batch size with the lowest loss),
-                       across_horizons, across_widths (mean/sd/min/max of the optimal norm),
-                       summary (per optimizer; consistent = sd <= 0.5 octave)
-    scaling            source (horizons | cells), lr_law (per config: terms a (log2 B),
-                       b (log2 D), c, each {value, se, ci}), batch_law (per config: per_horizon
+                       across_widths, across_horizons (per family: slope of log2 norm* per
+                       doubling of width / of horizon, slope_ci, slope_ci_method, n_fits,
+                       n_horizons, n_widths, verdict, verdict_why, tolerance, the fits that
+                       entered with their CIs, not_used), summary (tolerance, counts, per
+                       optimizer the verdicts of its headline family)
+    scaling            source (horizons | cells), lr_law (per config: status ok |
+                       exactly-determined | impossible, terms a (log2 B), b (log2 D), c, each
+                       {value, se, ci, ci_ols, ci_bootstrap}; ci is the hull of the OLS and
+                       bootstrap intervals; null when exactly determined), batch_law (per_horizon
                        log2 B*, terms e and log2_k of B* = k D^e), optima (per config, B, D)
     layer_lr           per family varying lr multipliers: best combination, its loss relative
                        to all ones, every combination
@@ -54,10 +59,12 @@ from rich.console import Console
 from rich.table import Table
 
 from .load import METRIC_DESCRIPTIONS
+from .norm_transfer import summary_sentences as norm_sentences
 from .optimum import NEAR_OPTIMAL, WINDOW
 from .pipeline import Analysis, analyze
 from .plots import FIGURE_NEEDS, FIGURE_TITLES, PLOTS, figure_png
 from .transfer import TransferFit, headline
+from .verdict import VERDICTS
 
 FITS_VERSION = 1
 
@@ -110,20 +117,18 @@ def _optimum_record(row: pd.Series, varying: list[str]) -> dict[str, Any]:
         "argmin_log2_lr": row["argmin_log2_lr"],
         "log2_lr_star": row["log2_lr_star"],
         "lr_star": row["lr_star"],
-        "log2_lr_star_ci": [row["ci_lo"], row["ci_hi"]],
+        "log2_lr_star_ci": None if not np.isfinite(row["ci_lo"]) else [row["ci_lo"], row["ci_hi"]],
         "loss_star": row["loss_star"],
         "method": row["method"],
         "status": row["status"],
+        "flags": list(row["flags"]),
         "edge_side": row["edge_side"],
-        "interior_frac": row["interior_frac"],
-        "bootstrap": row["bootstrap"],
+        "noise": row["noise"],
         "seed_sigma": row["seed_sigma"],
-        "parabola": {
-            "a": row["parabola_a"],
-            "b": row["parabola_b"],
-            "c": row["parabola_c"],
-            "x_range": [row["fit_lo"], row["fit_hi"]],
-        },
+        "noise_dof": row["noise_dof"],
+        "method_error": row["method_error"],
+        "interior_frac": row["interior_frac"],
+        "fit_range": [row["fit_lo"], row["fit_hi"]],
         "near_optimal_log2_lr": [row["near_opt_lo"], row["near_opt_hi"]],
     }
 
@@ -147,7 +152,8 @@ def build_fits(an: Analysis, figures: dict[str, str | None] | None = None) -> di
             "metric_description": METRIC_DESCRIPTIONS[res.metric],
             "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "n_bootstrap": an.n_bootstrap,
-            "parabola_window": WINDOW,
+            "fit_window_octaves": WINDOW,
+            "tolerance": an.tolerance,
             "near_optimal_fraction": NEAR_OPTIMAL,
             "horizons": an.horizons,
             "predict_width": an.predict_width,
@@ -155,7 +161,7 @@ def build_fits(an: Analysis, figures: dict[str, str | None] | None = None) -> di
         },
         "counts": {**res.status_counts(), "by_optimizer": by_opt},
         "varying": {c: sorted(usable[c].dropna().unique().tolist()) for c in res.varying},
-        "seed_spread": an.optima.seed_spread,
+        "noise": {opt: {"sigma": nz.sigma, "dof": nz.dof} for opt, nz in an.optima.noise.items()},
         "optima": [_optimum_record(r, res.varying) for _, r in table.iterrows()],
         "width_transfer": [f.to_dict() for f in an.width_transfer],
         "depth_transfer": [f.to_dict() for f in an.depth_transfer],
@@ -195,37 +201,44 @@ def _lr(x: float) -> str:
     return f"2^{x:.2f} = {2.0**x:.3g}"
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def transfer_sentence(f: TransferFit) -> str:
+    """The family's verdict in words, with the numbers behind it."""
     s0, s1 = f.sizes[0], f.sizes[-1]
     if f.status != "ok":
-        return f"{f.label}: {f.reason}."
+        return f"{f.label}: inconclusive, {f.reason}."
     used = [s for s, u in zip(f.sizes, f.used, strict=True) if u]
     u0, u1 = used[0], used[-1]
-    slope = f"slope {f.slope:+.2f} {_fmt_ci(f.slope_ci)} octaves per doubling of {f.axis}"
-    if f.transfers:
-        text = (
-            f"{f.label}: the optimal lr transfers across {f.axis} {u0}-{u1} ({slope}, CI contains 0"
-        )
-    elif f.transfers is False:
-        text = (
-            f"{f.label}: the optimal lr does not transfer across {f.axis} {u0}-{u1}: it moves by"
-            f" {f.drift:+.2f} octaves ({slope}, CI excludes 0"
-        )
-    else:
-        text = f"{f.label}: {slope} (no bootstrap interval"
-    text += ")"
+    lead = {
+        "transfers": f"the optimal lr transfers across {f.axis} {u0}-{u1}",
+        "drifts": f"the optimal lr drifts across {f.axis} {u0}-{u1}, by {f.drift:+.2f} octaves",
+        "inconclusive": f"transfer across {f.axis} {u0}-{u1} is inconclusive",
+    }[f.verdict]
+    slope = f"slope {f.slope:+.2f} {_fmt_ci(f.slope_ci)} octaves per doubling"
+    text = (
+        f"{f.label}: {lead} ({slope}; tolerance +-{f.tolerance:g}: {f.verdict_why}"
+        + ("; interval from the optima's scatter, one seed" if f.noise == "scatter" else "")
+        + ")"
+    )
     if f.penalty is not None:
         text += (
-            f"; tuning at {f.axis} {u0} and copying its lr to {u1} costs {f.penalty:.4f} nats"
-            f" ({100 * f.penalty_rel:.2f} %)"
+            f"; tuning at {f.axis} {u0} and copying its lr to {u1} costs"
+            f" {100 * f.penalty_rel:.2f} % in loss"
         )
+        if f.penalty_rel_ci:
+            hi = f.penalty_rel_ci[1]
+            upper = f"{100 * hi:.2f} %" if hi is not None and math.isfinite(hi) else "divergence"
+            text += f" ({100 * f.penalty_rel_ci[0]:.2f} % to {upper})"
     elif f.penalty_note:
         text += f"; {f.penalty_note}"
     if len(used) < len(f.sizes):
         skipped = [s for s, u in zip(f.sizes, f.used, strict=True) if not u]
         text += (
             f"; {f.axis} {', '.join(map(str, skipped))} left out"
-            " (optimum on the grid's edge or none)"
+            " (optimum on the grid's edge, bounded by divergence, or none)"
         )
     if f.wider_is_better is not None and f.axis == "width":
         verdict = "falls" if f.wider_is_better else "does not fall monotonically"
@@ -249,7 +262,8 @@ def conclusions(an: Analysis) -> list[str]:
     res = an.results
     counts = res.status_counts()
     out = [
-        f"{counts['total']} trials: {counts['completed']} completed, {counts['diverged']} diverged,"
+        f"{_plural(counts['total'], 'trial')}: {counts['completed']} completed,"
+        f" {counts['diverged']} diverged,"
         f" {counts['failed']} failed (failed trials are left out of every fit)."
     ]
     usable = res.usable
@@ -277,6 +291,23 @@ def conclusions(an: Analysis) -> list[str]:
             + ("; ..." if len(dead) > 5 else "")
             + "."
         )
+    bounded = table[table["status"] == "divergence_bounded"]
+    if len(bounded):
+        out.append(
+            f"{len(bounded)} of {len(table)} cells: optimum bounded by divergence (the loss"
+            " still falls at the last lr that did not diverge, so the optimum lies near the"
+            " divergence cliff; a finer grid there would locate it; no transfer claim rests on"
+            " them): "
+            + "; ".join(bounded["label"].head(5))
+            + ("; ..." if len(bounded) > 5 else "")
+            + "."
+        )
+    single = table[table["noise"] == "none"]
+    if len(single):
+        out.append(
+            f"{len(single)} of {len(table)} cells have one seed and no measured seed noise: their"
+            " optima have no interval (run 3 or more seeds per point for one)."
+        )
     edge = table[table["status"] == "edge"]
     if len(edge):
         sides = set(edge["edge_side"])
@@ -284,7 +315,7 @@ def conclusions(an: Analysis) -> list[str]:
             {"low": "smaller", "high": "larger"}[s] for s in ("low", "high") if s in sides
         )
         out.append(
-            f"{len(edge)} of {len(table)} cells have their optimum on the lr grid's edge"
+            f"{len(edge)} of {len(table)} cells: optimum on the lr grid's edge"
             f" (widen the grid towards {towards} lrs; no transfer claim rests on them): "
             + "; ".join(edge["label"].head(5))
             + ("; ..." if len(edge) > 5 else "")
@@ -301,10 +332,9 @@ def conclusions(an: Analysis) -> list[str]:
             ok = [f for f in mine if f.status == "ok"]
             if ok:
                 slopes = np.array([f.slope for f in ok])
-                n_transfer = sum(bool(f.transfers) for f in ok)
+                tally = ", ".join(f"{sum(f.verdict == v for f in mine)} {v}" for v in VERDICTS)
                 out.append(
-                    f"{opt}: {len(ok)} of {len(mine)} width families could be fitted; in"
-                    f" {n_transfer} of them the slope's CI contains 0 (median slope"
+                    f"{opt}: {len(mine)} width families ({tally}; median slope"
                     f" {np.median(slopes):+.2f} octaves per width doubling). Headline family below."
                 )
         if res.usable["width"].nunique() >= 2 or fam.status == "ok":
@@ -316,20 +346,7 @@ def conclusions(an: Analysis) -> list[str]:
         if len(f.sizes) > 1:
             out.append(transfer_sentence(f))
     if an.norm is not None:
-        for opt, s in sorted(an.norm.summary.get("by_optimizer", {}).items()):
-            if not s["n"]:
-                continue
-            sd = f" ± {s['sd']:.2f} (sd)" if s["sd"] is not None else ""
-            verdict = (
-                "the same across horizons and widths"
-                if s["consistent"]
-                else "not the same across horizons and widths"
-                f" (range {s['min']:.2f} to {s['max']:.2f})"
-            )
-            out.append(
-                f"{opt}: the loss-optimal output norm is log2 = {s['mean']:.2f}{sd} over {s['n']}"
-                f" horizon x width fits: {verdict}."
-            )
+        out.extend(norm_sentences(an.norm))
     for law in an.scaling.lr_law:
         # A law through as many points as it has terms fits anything: not a finding.
         if law["status"] == "ok" and law.get("dof", 0) > 0:
@@ -345,6 +362,20 @@ def conclusions(an: Analysis) -> list[str]:
                     + " ".join(parts)
                     + f" {terms['c']['value']:+.2f}."
                 )
+        elif law["status"] == "exactly-determined" and (
+            len(law["batch_sizes"]) > 1 or law["width"] == _widest(an, law["optimizer"])
+        ):
+            out.append(
+                f"{law['optimizer']} width {law['width']} depth {law['depth']}: no lr scaling"
+                f" law: {law['reason']}."
+            )
+    n_decayed = sum(law.get("n_decayed", 0) for law in an.scaling.lr_law)
+    if n_decayed:
+        out.append(
+            f"Scaling laws: {n_decayed} (batch size, horizon) optima read mid-run after the lr"
+            " schedule had begun to decay (warm-down, linear or cosine) were left out; only"
+            " runs' own ends and readings before the decay enter the laws."
+        )
     for law in an.scaling.batch_law:
         if law["status"] == "ok":
             t = law["terms"]
@@ -352,6 +383,11 @@ def conclusions(an: Analysis) -> list[str]:
                 f"{law['optimizer']} width {law['width']} depth {law['depth']}: optimal batch"
                 f" B*(D) = 2^{t['log2_k']['value']:.2f} D^{t['e']['value']:.2f}"
                 f" (exponent CI {_fmt_ci(t['e']['ci'])})."
+            )
+        elif law["status"] == "exactly-determined":
+            out.append(
+                f"{law['optimizer']} width {law['width']} depth {law['depth']}: no batch-size"
+                f" law: {law['reason']}."
             )
     for rec in an.layer_lr:
         b = rec["best"]
@@ -420,7 +456,6 @@ def optima_rows(an: Analysis) -> tuple[list[str], list[list[str]], list[bool]]:
         "loss*",
         "method",
         "status",
-        "interior",
     ]
     rows, bad = [], []
     for _, r in an.optima.table.iterrows():
@@ -431,13 +466,14 @@ def optima_rows(an: Analysis) -> tuple[list[str], list[list[str]], list[bool]]:
                 str(r["n_seeds"]),
                 f"{r['n_diverged']}/{r['n_trials']}",
                 _num(r["log2_lr_star"], "{:.2f}"),
-                _fmt_ci([_f(r["ci_lo"]), _f(r["ci_hi"])], "{:.2f}"),
+                _fmt_ci([_f(r["ci_lo"]), _f(r["ci_hi"])], "{:.2f}")
+                if r["noise"] == "seeds" or r["status"] != "ok"
+                else "one seed: no interval",
                 _num(r["lr_star"], "{:.3g}"),
                 _num(r["loss_star"], "{:.4f}"),
                 str(r["method"]),
-                str(r["status"])
+                str(r["status"]).replace("_", " ")
                 + (f" ({r['edge_side']})" if isinstance(r["edge_side"], str) else ""),
-                f"{100 * r['interior_frac']:.0f} %",
             ]
         )
         bad.append(r["status"] != "ok")
@@ -466,8 +502,8 @@ def transfer_rows(
         "slope",
         "95 % CI",
         "drift (oct)",
-        "penalty (nats)",
         "penalty",
+        "penalty 95 % CI",
         "wider better",
         "verdict",
     ]
@@ -475,9 +511,14 @@ def transfer_rows(
     for f in fits:
         sizes = ", ".join(f"{s}" + ("" if u else "*") for s, u in zip(f.sizes, f.used, strict=True))
         if f.status == "ok":
-            verdict = "transfers" if f.transfers else ("moves" if f.transfers is False else "?")
+            verdict = f.verdict
         else:
-            verdict = _short_reason(f) if short else (f.reason or "fit impossible")
+            verdict = "inconclusive: " + (_short_reason(f) if short else (f.reason or "no fit"))
+        pen_ci = "–"
+        if f.penalty_rel_ci:
+            lo, hi = f.penalty_rel_ci
+            hi_txt = f"{100 * hi:.2f} %" if hi is not None and math.isfinite(hi) else "diverges"
+            pen_ci = f"[{100 * lo:.2f} %, {hi_txt}]"
         rows.append(
             [
                 f.label,
@@ -485,8 +526,10 @@ def transfer_rows(
                 _num(f.slope, "{:+.2f}"),
                 _fmt_ci(f.slope_ci) if f.status == "ok" else "–",
                 _num(f.drift, "{:+.2f}"),
-                _num(f.penalty, "{:.4f}") if f.penalty is not None else (f.penalty_note or "–"),
-                _num(None if f.penalty_rel is None else 100 * f.penalty_rel, "{:.2f} %"),
+                _num(None if f.penalty_rel is None else 100 * f.penalty_rel, "{:.2f} %")
+                if f.penalty is not None
+                else (f.penalty_note or "–"),
+                pen_ci,
                 "–" if f.wider_is_better is None else ("yes" if f.wider_is_better else "no"),
                 verdict,
             ]
@@ -553,10 +596,13 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
         parts.append("</ul>")
     parts.append("<h2>Optimal learning rate per cell</h2>")
     parts.append(
-        "<p class='note'>log2 lr* refined by a parabola through the grid points around the"
-        f" argmin ({WINDOW} points); CI: 2.5-97.5 % over {an.n_bootstrap} seed-bootstrap"
-        " resamples (parametric with one seed); interior: share of resamples whose optimum is"
-        " inside the grid. Red rows: optimum on the grid's edge or none.</p>"
+        "<p class='note'>log2 lr*: an asymmetric fit (rounded V or exponential rise, steeper"
+        f" on either side) to the finite points within {WINDOW:g} octaves of the argmin"
+        " (3-point parabola or argmin where too few). 95 % CI: parametric bootstrap"
+        f" ({an.n_bootstrap} draws) of the lr-by-seed noise measured from the seeds, widened"
+        " by the fit's own error on this grid; none with one seed (no measured noise) and"
+        " none for flagged optima. Red rows: optimum on the grid's edge, bounded by"
+        " divergence, or none.</p>"
     )
     headers, rows, bad = optima_rows(an)
     parts.append(_table(headers, rows, bad=bad))
@@ -566,10 +612,13 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
         h, rows, bad = transfer_rows(fits)
         parts.append(f"<h2>Transfer {title}</h2>")
         parts.append(
-            "<p class='note'>slope of log2 lr* against log2 size (octaves per doubling), CI from"
-            " the bootstrap; drift: lr* at the largest minus at the smallest size used; penalty:"
-            " loss at the largest size with the smallest size's lr* minus its best loss. * = not"
-            " used (optimum on the grid's edge or none).</p>"
+            "<p class='note'>slope of log2 lr* against log2 size (octaves per doubling), 95 %"
+            " CI from the cells' bootstrap draws (from the optima's scatter with one seed);"
+            f" verdict: transfers when the CI lies within +-{an.tolerance:g}, drifts when it"
+            " lies outside (or excludes 0 with the slope beyond it), else inconclusive;"
+            " drift: lr* at the largest minus at the smallest size used; penalty: the largest"
+            " size's loss at the smallest size's lr* above its best loss, relative. * = not used"
+            " (optimum on the grid's edge, bounded by divergence, or none).</p>"
         )
         parts.append(_table(h, rows, bad=bad))
         preds = [p for p in (prediction_sentence(f) for f in fits) if p]
@@ -672,13 +721,21 @@ def write_report(
     metric: str = "final_val",
     predict_width: int | None = None,
     horizons: list[int] | None = None,
+    tolerance: float | None = None,
 ) -> Path:
     """Analyse the store at `results` and write report.html (self-contained), one PNG per
     figure and fits.json into `out_dir` (default `<results>/report`). Returns report.html.
 
     `horizons` are the token budgets at which norm transfer and the scaling laws read the
-    runs (default: the planned budgets, plus 1/4 and 1/2 of the largest)."""
-    an = analyze(results, metric=metric, predict_width=predict_width, horizons=horizons)
+    runs (default: the planned budgets, plus 1/4 and 1/2 of the largest); `tolerance` is the
+    verdicts' band in octaves per doubling (default: analysis/verdict.py's)."""
+    an = analyze(
+        results,
+        metric=metric,
+        predict_width=predict_width,
+        horizons=horizons,
+        tolerance=tolerance,
+    )
     out = Path(out_dir) if out_dir is not None else Path(results) / "report"
     out.mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes | None] = {}
@@ -709,15 +766,23 @@ def print_summary(
     metric: str = "final_val",
     predict_width: int | None = None,
     horizons: list[int] | None = None,
+    tolerance: float | None = None,
     console: Console | None = None,
 ) -> None:
     """Print the optimum and transfer tables and the conclusions in the terminal."""
-    an = analyze(results, metric=metric, predict_width=predict_width, horizons=horizons)
+    an = analyze(
+        results,
+        metric=metric,
+        predict_width=predict_width,
+        horizons=horizons,
+        tolerance=tolerance,
+    )
     console = console or Console()
     c = an.results.status_counts()
     console.print(
-        f"[bold]{', '.join(an.results.sweeps)}[/bold]: {c['total']} trials, {c['completed']}"
-        f" completed, {c['diverged']} diverged, {c['failed']} failed; metric {an.results.metric}"
+        f"[bold]{', '.join(an.results.sweeps)}[/bold]: {_plural(c['total'], 'trial')},"
+        f" {c['completed']} completed, {c['diverged']} diverged, {c['failed']} failed;"
+        f" metric {an.results.metric}"
     )
     # The terminal gets the columns that decide things; the report has them all.
     headers, rows, bad = optima_rows(an)

@@ -1,26 +1,65 @@
-"""Scaling rules for the optimal lr and batch size, by OLS in log2 space with 95 % t intervals.
+"""Scaling rules for the optimal lr and batch size, by least squares in log2 space.
 
     log2 lr* = a log2 B + b log2 D + c        (lr law; a or b dropped when B or D is fixed)
     log2 B*  = e log2 D + log2 k              (batch law: B*(D) = k D^e)
 
 The (B, D) optima come from the horizon table (train loss at each token horizon, so one
 constant-lr run gives points at several D), or, without steps rows, from the cells' optima
-with D = the planned tokens. Only interior optima are used: an edge optimum is a bound.
+with D = the planned tokens. Only interior optima are used: an edge optimum is a bound, and so
+is one next to a diverged lr. A horizon read where the lr schedule had begun to decay is not
+used either (see horizons.py): its optimum is that of a partly annealed run.
+
+Intervals. Each term's 95 % interval is the hull of two: a bootstrap one and the OLS t one.
+The bootstrap resamples runs: the seeds of a configuration, drawn with replacement once per
+resample and shared by every (B, D, lr) point (a seed is the same run at every horizon, and
+fixes the batch order across lrs), after which every optimum is located again and the law
+refitted. With fewer than three seeds it resamples the (B, D) points with replacement instead. The
+bootstrap carries the noise of the optima, which the OLS interval only guesses from the
+scatter about the line; the OLS interval carries misfit, which the bootstrap cannot see.
+A law with as many points as terms passes through every point whatever the truth: it is
+reported as `exactly-determined`, with no terms, never as an exponent.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .fitting import ols
+from .fitting import OLSFit, ols
 from .norm_transfer import NORM_GROUP
 from .optimum import WINDOW, locate_optimum
 
 SCALING_GROUP = NORM_GROUP  # every config column but batch size and planned steps
+# Resamples of the runs bootstrap: each locates every (B, D) optimum again, the costly part.
+# 200 put the 2.5 / 97.5 % quantiles within about a tenth of the interval's width.
+N_RESAMPLES = 200
+# Runs are resampled only with at least this many seeds: two seeds give three distinct
+# resamples, too few for quantiles (the points are resampled instead).
+MIN_SEEDS_TO_RESAMPLE = 3
+# A bootstrap interval needs this share of resamples usable (every point located, the design
+# of full rank); otherwise the survivors are a biased subset and only the OLS interval is given.
+MIN_USABLE = 0.5
+EXACT_WORDS = (
+    "exactly determined: {n} points for {p} terms, so the law passes through every point"
+    " whatever the truth and its exponents are not estimates"
+)
+
+
+class Resamples:
+    """Bootstrap draws of log2 lr* and of the loss there, one row per optima row (by position),
+    NaN where a resample had no optimum. It travels in the optima frame's `attrs`, out of
+    fits.json; pandas copies attrs into every derived frame, so a copy is the object itself."""
+
+    def __init__(self, log2_lr_star: np.ndarray, loss_star: np.ndarray) -> None:
+        self.log2_lr_star = log2_lr_star
+        self.loss_star = loss_star
+
+    def __deepcopy__(self, memo: dict) -> Resamples:
+        return self
 
 
 @dataclass
@@ -33,29 +72,87 @@ class ScalingFits:
     source: str = "horizons"
 
 
-def optima_at_horizons(horizons: pd.DataFrame, window: int = WINDOW) -> pd.DataFrame:
-    """The optimal lr of every (group, batch size, horizon) from a horizon table."""
+# --------------------------------------------------------------------------- optima
+
+
+def _seed_matrix(part: pd.DataFrame, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The lr grid (L,) and the loss per lr and seed (L, S) with NaN where a seed has no run."""
+    table = part.pivot_table(index="log2_lr", columns="seed", values="loss", aggfunc="mean")
+    table = table.reindex(columns=seeds)
+    return table.index.to_numpy(float), table.to_numpy(float)
+
+
+def _mean_over(y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Mean over seeds: +inf when any seed diverged, NaN when none was run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an lr no drawn seed has: NaN
+        return np.nanmean(y, axis=axis)
+
+
+def _point_status(x: np.ndarray, mean: np.ndarray, interior: bool, valid: bool) -> str:
+    if not valid:
+        return "all_diverged"
+    i = int(np.argmin(np.where(np.isfinite(mean), mean, np.inf)))
+    if i + 1 < len(x) and np.isinf(mean[i + 1]):
+        return "divergence_bounded"  # the loss still falls where the next lr diverges
+    return "ok" if interior else "edge"
+
+
+def optima_at_horizons(
+    horizons: pd.DataFrame,
+    window: float = WINDOW,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The optimal lr of every (group, batch size, horizon) from a horizon table, with the runs
+    bootstrap's draws in `attrs["resamples"]` (a Resamples). Rows whose every reading was
+    decayed have status `decayed` and no optimum."""
     if horizons.empty:
         return pd.DataFrame()
-    keys = [*SCALING_GROUP, "batch_size", "horizon"]
-    # Mean over seeds per lr; an lr where any seed diverged counts as diverged (+inf).
-    per_lr = (
-        horizons.groupby([*keys, "log2_lr"], dropna=False, sort=True)["loss"].mean().reset_index()
-    )
-    rows = []
-    for key, part in per_lr.groupby(keys, dropna=False, sort=True):
-        x = part["log2_lr"].to_numpy(float)
-        loc = locate_optimum(x, part["loss"].to_numpy(float)[None, :], window)
-        valid = bool(loc.valid[0])
-        rows.append(
-            {
-                **dict(zip(keys, key, strict=True)),
-                "log2_lr_star": float(loc.x_star[0]),
-                "loss_star": float(loc.loss_star[0]),
-                "status": "ok" if loc.interior[0] else ("edge" if valid else "all_diverged"),
-            }
-        )
-    return pd.DataFrame(rows)
+    rng = np.random.default_rng(seed)
+    if "decayed" not in horizons:
+        horizons = horizons.assign(decayed=False)
+    rows, lr_draws, loss_draws = [], [], []
+    nothing = np.full(n_resamples, np.nan)
+    for gkey, group in horizons.groupby(list(SCALING_GROUP), dropna=False, sort=True):
+        seeds = np.unique(group["seed"].to_numpy())
+        # One draw of seeds per resample for the whole group: a seed is one run at every horizon.
+        picks = None
+        if len(seeds) >= MIN_SEEDS_TO_RESAMPLE:
+            picks = rng.integers(0, len(seeds), (n_resamples, len(seeds)))
+        for (b, d), part in group.groupby(["batch_size", "horizon"], sort=True):
+            row = {**dict(zip(SCALING_GROUP, gkey, strict=True)), "batch_size": b, "horizon": d}
+            clean = part[~part["decayed"].to_numpy(bool)]
+            if clean.empty:
+                rows.append(
+                    {**row, "log2_lr_star": np.nan, "loss_star": np.nan, "status": "decayed"}
+                )
+                lr_draws.append(nothing)
+                loss_draws.append(nothing)
+                continue
+            x, y = _seed_matrix(clean, seeds)
+            mean = _mean_over(y)
+            loc = locate_optimum(x, mean[None, :], window)
+            status = _point_status(x, mean, bool(loc.interior[0]), bool(loc.valid[0]))
+            rows.append(
+                {
+                    **row,
+                    "log2_lr_star": float(loc.x_star[0]),
+                    "loss_star": float(loc.loss_star[0]),
+                    "status": status,
+                }
+            )
+            if picks is None or status != "ok":
+                lr_draws.append(nothing)
+                loss_draws.append(nothing)
+                continue
+            boot = locate_optimum(x, _mean_over(y[:, picks], axis=-1).T, window)
+            lr_draws.append(np.where(boot.valid, boot.x_star, np.nan))
+            loss_draws.append(np.where(boot.valid, boot.loss_star, np.nan))
+    out = pd.DataFrame(rows)
+    out.attrs["resamples"] = Resamples(np.array(lr_draws), np.array(loss_draws))
+    return out
 
 
 def optima_from_cells(table: pd.DataFrame) -> pd.DataFrame:
@@ -66,26 +163,93 @@ def optima_from_cells(table: pd.DataFrame) -> pd.DataFrame:
     return out.rename(columns={"tokens": "horizon"}).reset_index(drop=True)
 
 
+# --------------------------------------------------------------------------- intervals
+
+
+def _resamples(optima: pd.DataFrame) -> Resamples | None:
+    r = optima.attrs.get("resamples")
+    return r if isinstance(r, Resamples) and len(r.log2_lr_star) == len(optima) else None
+
+
+def _bootstrap(
+    x: np.ndarray,
+    y: np.ndarray,
+    draws: np.ndarray | None,
+    n_resamples: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray | None, str]:
+    """Coefficients of every resample (rows) and how they were drawn: refits on the runs
+    bootstrap's `draws` (resamples x points, NaN where a point had no optimum) when there are
+    any, else on the points resampled with replacement."""
+    if draws is not None and np.isfinite(draws).any():
+        draws = draws[np.isfinite(draws).all(axis=1)]
+        return (draws @ np.linalg.pinv(x).T if len(draws) else None), "runs"
+    return _pairs_bootstrap(x, y, n_resamples, rng), "points"
+
+
+def _pairs_bootstrap(
+    x: np.ndarray, y: np.ndarray, n_resamples: int, rng: np.random.Generator
+) -> np.ndarray | None:
+    """Resample the points with replacement and refit; resamples whose design lost rank (too
+    few distinct B or D drawn) are skipped."""
+    n, p = x.shape
+    coefs = []
+    for idx in rng.integers(0, n, (n_resamples, n)):
+        xs = x[idx]
+        if np.linalg.matrix_rank(xs) == p:
+            coefs.append(np.linalg.lstsq(xs, y[idx], rcond=None)[0])
+    return np.array(coefs) if coefs else None
+
+
+def _terms(
+    fit: OLSFit, boot: np.ndarray | None, n_resamples: int, method: str
+) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """{name: {value, se, ci, ci_ols, ci_bootstrap}}: ci is the hull of the OLS t interval and
+    the bootstrap's 2.5 / 97.5 % quantiles (when enough resamples were usable)."""
+    usable = boot is not None and len(boot) >= max(10, MIN_USABLE * n_resamples)
+    terms = {}
+    for i, (name, t) in enumerate(fit.as_dict().items()):
+        ci_ols = t["ci"]
+        ci_boot = [float(q) for q in np.quantile(boot[:, i], [0.025, 0.975])] if usable else None
+        ci = ci_ols if ci_boot is None else [min(ci_ols[0], ci_boot[0]), max(ci_ols[1], ci_boot[1])]
+        terms[name] = {**t, "ci": ci, "ci_ols": ci_ols, "ci_bootstrap": ci_boot}
+    return terms, (method if usable else None)
+
+
+def _design(columns: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """The regressors in order, then the intercept: the column order of `fitting.ols`."""
+    return np.column_stack([*columns.values(), np.ones(n)])
+
+
+# --------------------------------------------------------------------------- laws
+
+
 def _group_dict(key: tuple) -> dict[str, Any]:
     cfg = dict(zip(SCALING_GROUP, key, strict=True))
     return {"optimizer": cfg["optimizer"], "width": int(cfg["width"]), "depth": int(cfg["depth"])}
 
 
-def fit_lr_law(optima: pd.DataFrame) -> list[dict[str, Any]]:
+def fit_lr_law(
+    optima: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, seed: int = 0
+) -> list[dict[str, Any]]:
     """`log2 lr* = a log2 B + b log2 D + c` per group, on interior optima."""
-    out = []
+    out: list[dict[str, Any]] = []
     if optima.empty:
         return out
+    rng = np.random.default_rng(seed)
+    resamples = _resamples(optima)
     for key, part in optima.groupby(list(SCALING_GROUP), dropna=False, sort=True):
+        read = part[part["status"] != "decayed"]
+        if read["batch_size"].nunique() < 2 and read["horizon"].nunique() < 2:
+            continue  # nothing to scale along: not worth a line in the report
         ok = part[part["status"] == "ok"]
         record: dict[str, Any] = {**_group_dict(key), "n": len(ok), "status": "impossible"}
+        record["n_decayed"] = int((part["status"] == "decayed").sum())
         regressors = {}
         if ok["batch_size"].nunique() >= 2:
             regressors["a"] = np.log2(ok["batch_size"].to_numpy(float))
         if ok["horizon"].nunique() >= 2:
             regressors["b"] = np.log2(ok["horizon"].to_numpy(float))
-        if part["batch_size"].nunique() < 2 and part["horizon"].nunique() < 2:
-            continue  # nothing to scale along: not worth a line in the report
         if not regressors or len(ok) < len(regressors) + 1:
             record["reason"] = (
                 "fit impossible: too few interior optima across batch sizes and horizons"
@@ -93,58 +257,96 @@ def fit_lr_law(optima: pd.DataFrame) -> list[dict[str, Any]]:
             )
             out.append(record)
             continue
-        fit = ols(regressors, ok["log2_lr_star"].to_numpy(float), intercept="c")
         record.update(
-            status="ok",
-            terms=fit.as_dict(),
-            dof=fit.dof,
-            r2=fit.r2,
             batch_sizes=sorted(int(b) for b in ok["batch_size"].unique()),
             horizons=sorted(int(h) for h in ok["horizon"].unique()),
         )
+        y = ok["log2_lr_star"].to_numpy(float)
+        fit = ols(regressors, y, intercept="c")
+        if fit.dof == 0:
+            p = len(regressors) + 1
+            record.update(status="exactly-determined", terms=None, dof=0, r2=None)
+            record["reason"] = EXACT_WORDS.format(n=len(ok), p=p)
+            out.append(record)
+            continue
+        x = _design(regressors, len(ok))
+        draws = None if resamples is None else resamples.log2_lr_star[ok.index].T
+        boot, method = _bootstrap(x, y, draws, n_resamples, rng)
+        terms, used = _terms(fit, boot, n_resamples, method)
+        record.update(status="ok", terms=terms, dof=fit.dof, r2=fit.r2, bootstrap=used)
         out.append(record)
     return out
 
 
-def fit_batch_law(optima: pd.DataFrame, window: int = WINDOW) -> list[dict[str, Any]]:
-    """`B*(D) = k D^e` per group: per horizon the loss-optimal B (parabola over log2 B of the
-    lr-optimal losses), then OLS of log2 B* on log2 D over horizons with an interior B*."""
-    out = []
+def _b_star(at: pd.DataFrame, draws: np.ndarray | None, window: float) -> dict[str, Any]:
+    """The loss-optimal log2 B at one horizon (over the lr-optimal losses `at`, sorted by B),
+    with its resampled values when the loss resamples are given."""
+    x = np.log2(at["batch_size"].to_numpy(float))
+    loc = locate_optimum(x, at["loss_star"].to_numpy(float)[None, :], window)
+    out = {
+        "horizon": int(at["horizon"].iloc[0]),
+        "log2_b_star": float(loc.x_star[0]),
+        "interior": bool(loc.interior[0]),
+        "samples": None,
+    }
+    if draws is not None:
+        boot = locate_optimum(x, draws.T, window)
+        out["samples"] = np.where(boot.valid, boot.x_star, np.nan)
+    return out
+
+
+def fit_batch_law(
+    optima: pd.DataFrame,
+    window: float = WINDOW,
+    *,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """`B*(D) = k D^e` per group: per horizon the loss-optimal B (located over log2 B of the
+    lr-optimal losses), then least squares of log2 B* on log2 D over horizons with an interior
+    B*."""
+    out: list[dict[str, Any]] = []
     if optima.empty:
         return out
+    rng = np.random.default_rng(seed)
+    resamples = _resamples(optima)
     for key, part in optima.groupby(list(SCALING_GROUP), dropna=False, sort=True):
         if part["batch_size"].nunique() < 3:
             continue
         per_d = []
-        for d, at in part[part["status"] == "ok"].groupby("horizon"):
-            at = at.sort_values("batch_size")
+        for _, at in part[part["status"] == "ok"].groupby("horizon"):
             if len(at) < 3:
                 continue
-            x = np.log2(at["batch_size"].to_numpy(float))
-            loc = locate_optimum(x, at["loss_star"].to_numpy(float)[None, :], window)
-            per_d.append(
-                {
-                    "horizon": int(d),
-                    "log2_b_star": float(loc.x_star[0]),
-                    "interior": bool(loc.interior[0]),
-                }
-            )
-        record: dict[str, Any] = {**_group_dict(key), "per_horizon": per_d, "status": "impossible"}
+            at = at.sort_values("batch_size")
+            draws = None if resamples is None else resamples.loss_star[at.index]
+            per_d.append(_b_star(at, draws, window))
         good = [p for p in per_d if p["interior"]]
-        record["n"] = len(good)
+        record: dict[str, Any] = {
+            **_group_dict(key),
+            "per_horizon": [{k: v for k, v in p.items() if k != "samples"} for p in per_d],
+            "status": "impossible",
+            "n": len(good),
+        }
+        out.append(record)
         if len(good) < 2:
             record["reason"] = (
                 "fit impossible: fewer than two horizons with an interior optimal batch size"
             )
-            out.append(record)
             continue
-        fit = ols(
-            {"e": np.log2([p["horizon"] for p in good])},
-            np.array([p["log2_b_star"] for p in good]),
-            intercept="log2_k",
-        )
-        record.update(status="ok", terms=fit.as_dict(), dof=fit.dof, r2=fit.r2)
-        out.append(record)
+        if len(good) == 2:
+            record.update(status="exactly-determined", terms=None, dof=0, r2=None)
+            record["reason"] = EXACT_WORDS.format(n=2, p=2)
+            continue
+        log2_d = np.log2([p["horizon"] for p in good])
+        y = np.array([p["log2_b_star"] for p in good])
+        fit = ols({"e": log2_d}, y, intercept="log2_k")
+        x = _design({"e": log2_d}, len(good))
+        draws = None
+        if all(p["samples"] is not None for p in good):
+            draws = np.column_stack([p["samples"] for p in good])
+        boot, method = _bootstrap(x, y, draws, n_resamples, rng)
+        terms, used = _terms(fit, boot, n_resamples, method)
+        record.update(status="ok", terms=terms, dof=fit.dof, r2=fit.r2, bootstrap=used)
     return out
 
 

@@ -8,14 +8,18 @@ The planted model, at every log row with t tokens seen:
     log2 lr*(t)  = centre + width_slope log2(w / ref_width) + depth_slope log2(d / ref_depth)
                    + batch_exponent log2(B / ref_batch) + tokens_exponent log2(t / ref_tokens)
     dx           = log2 lr - log2 lr*(t)
-    log2 norm(t) = optimal_log2_norm + dx          (output layer rms->inf)
+    log2 norm(t) = optimal_log2_norm + norm_width_slope log2(w / ref_width) + dx
+                                                   (output layer rms->inf)
     loss(t)      = floor(w, t) + curvature dx^2 + batch_curvature (log2 B - log2 B*(t))^2
                    + multiplier_curvature (log2 lr_hidden - log2 best_lr_hidden)^2 + noise
     log2 B*(t)   = batch_law[0] + batch_law[1] log2 t      (only with batch_law)
 
 so the optimal lr moves with width by `width_slope` octaves per doubling, the loss-optimal norm
-is `optimal_log2_norm` at every (B, t, width), and B*(D) = 2^batch_law[0] D^batch_law[1].
+is `optimal_log2_norm` at every (B, t) and moves with width by `norm_width_slope` octaves per
+doubling, and B*(D) = 2^batch_law[0] D^batch_law[1].
 A trial with dx > diverge_octaves at its last step diverges part-way through.
+`schedule` and `warmdown` only go into the trials' specs (the planted curves ignore them): they
+let tests check which horizon readings the analysis trusts.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ class SyntheticConfig:
     row_noise: float = 0.001  # nats, per log row
     diverge_octaves: float | None = 3.0
     optimal_log2_norm: float = 5.0
+    norm_width_slope: float = 0.0  # d (loss-optimal log2 norm) / d log2 width
+    schedule: str = "constant"  # lr schedule of the specs: constant | linear | cosine
+    warmdown: float = 0.0  # final fraction of steps with a linear warm-down, in the specs
     batch_law: tuple[float, float] | None = None  # (log2 k, e)
     batch_curvature: float = 0.02
     lr_hidden: tuple[float, ...] = (1.0,)
@@ -88,6 +95,11 @@ def grid_spec(config: SyntheticConfig) -> dict:
         "eval_every": config.eval_every,
         "coord_check": config.coord_check,
     }
+    # Only when set: a default grid file stays byte-for-byte what it was.
+    if config.schedule != "constant":
+        train["schedule"] = config.schedule
+    if config.warmdown:
+        train["warmdown"] = config.warmdown
     if config.tokens is not None:
         train["tokens"] = config.tokens
     else:
@@ -145,7 +157,12 @@ def _trial_result(
         loss = loss + config.batch_curvature * (math.log2(spec.batch_size) - log2_b_star) ** 2
     offset = rng.normal(0.0, config.seed_noise)
     train_loss = loss + offset + rng.normal(0.0, config.row_noise, len(steps))
-    log2_norm = config.optimal_log2_norm + dx + rng.normal(0.0, 0.01, len(steps))
+    log2_norm = (
+        config.optimal_log2_norm
+        + config.norm_width_slope * math.log2(spec.width / config.ref_width)
+        + dx
+        + rng.normal(0.0, 0.01, len(steps))
+    )
 
     status, error = "completed", None
     if config.diverge_octaves is not None and dx[-1] > config.diverge_octaves:

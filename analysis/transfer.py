@@ -1,11 +1,14 @@
 """Does the optimal lr transfer across width (or depth)?
 
 A family is a set of cells equal in everything but the size axis. Per family: the slope of
-log2 lr* against log2 size by least squares, its interval from the per-size bootstrap samples
-(combined resample by resample), the drift in octaves, the transfer penalty (what copying the
-smallest model's lr to the largest costs), a "wider is better" check and an optional prediction
-for an untrained size. Only interior optima enter the fit: an optimum on the grid's edge is a
-bound, not a measurement.
+log2 lr* against log2 size by least squares, its interval from the cells' bootstrap draws
+(combined draw by draw) widened by the location method's own error, the three-way verdict of
+analysis/verdict.py on that interval, the drift in octaves, the transfer penalty (what copying
+the smallest model's lr to the largest costs) with its interval from the same draws, a "wider is
+better" check and an optional prediction for an untrained size. With one seed and no measured
+noise the slope's interval comes from the optima's scatter about the line (Student's t with
+n - 2 degrees of freedom; none from two sizes). Only interior optima enter the fit: an optimum on
+the grid's edge or bounded by divergence is a bound, not a measurement.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .fitting import t_quantile_975
 from .load import CONFIG_COLUMNS, format_value
-from .optimum import Optima, loss_at
+from .optimum import Z_975, Optima, loss_at, method_sd
+from .verdict import DEFAULT_TOLERANCE, judge
 
 TRANSFER_AXES = ("width", "depth")
 
@@ -25,7 +30,7 @@ TRANSFER_AXES = ("width", "depth")
 @dataclass
 class TransferFit:
     """One family's transfer across `axis`. Octaves are log2 units; slopes are octaves of lr*
-    per doubling of the size. Interval bounds are 2.5 / 97.5 % bootstrap quantiles."""
+    per doubling of the size. Intervals are 95 %."""
 
     axis: str
     optimizer: str
@@ -43,11 +48,16 @@ class TransferFit:
     slope: float | None = None
     slope_ci: list[float] | None = None
     intercept: float | None = None
-    transfers: bool | None = None  # the slope's interval contains 0
+    noise: str | None = None  # where the slope's interval comes from: seeds | scatter
+    verdict: str = "inconclusive"  # transfers | drifts | inconclusive (analysis/verdict.py)
+    verdict_why: str | None = None
+    tolerance: float | None = None  # octaves of lr* per doubling
     drift: float | None = None  # log2 lr*(largest used size) - log2 lr*(smallest), octaves
     drift_ci: list[float] | None = None
     penalty: float | None = None  # L(s_max, lr*(s_min)) - L(s_max, lr*(s_max)), nats
+    penalty_ci: list[float] | None = None
     penalty_rel: float | None = None  # penalty / L(s_max, lr*(s_max))
+    penalty_rel_ci: list[float] | None = None
     penalty_note: str | None = None
     wider_is_better: bool | None = None  # at one fixed lr near the optima, loss falls with size
     wider_log2_lr: float | None = None
@@ -102,6 +112,7 @@ def fit_transfer(
     *,
     varying: list[str] | None = None,
     predict: int | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> list[TransferFit]:
     """One TransferFit per family of cells that differ only in `axis` (width or depth)."""
     if axis not in TRANSFER_AXES:
@@ -133,18 +144,44 @@ def fit_transfer(
             used=list(fam["status"] == "ok"),
             loss_star=[_clean(v) for v in fam["loss_star"]],
         )
-        _fill(fit, fam, optima, predict)
+        _fill(fit, fam, optima, predict, tolerance)
         fits.append(fit)
     return fits
 
 
-def _fill(fit: TransferFit, fam: pd.DataFrame, optima: Optima, predict: int | None) -> None:
+def _widen(point: float, lo: float, hi: float, method: float) -> list[float]:
+    """Each side of [lo, hi] widened in quadrature by the method's 95 % error."""
+    return [
+        point - float(np.hypot(max(point - lo, 0.0), method)),
+        point + float(np.hypot(max(hi - point, 0.0), method)),
+    ]
+
+
+def _what_would_settle(fit: TransferFit, used: pd.DataFrame) -> str:
+    """The cheapest changes that would narrow this family's slope interval."""
+    wants = []
+    seeds = int(used["n_seeds"].min())
+    if seeds < 3:
+        wants.append(f"3 or more seeds per point (now {seeds})")
+    steps = used["log2_lr_max"].sub(used["log2_lr_min"]) / used["n_lr"].sub(1).clip(lower=1)
+    if float(steps.max()) > 0.5:
+        wants.append(f"a finer lr grid near the optimum (now {float(steps.max()):g} octave)")
+    doublings = np.log2(fit.sizes[-1] / fit.sizes[0])
+    if doublings < 3:
+        wants.append(f"a wider range of {fit.axis}s (now {doublings:g} doublings)")
+    return " or ".join(wants) if wants else "more seeds"
+
+
+def _fill(
+    fit: TransferFit, fam: pd.DataFrame, optima: Optima, predict: int | None, tolerance: float
+) -> None:
     _wider_is_better(fit, fam, optima)
     used = fam[fam["status"] == "ok"]
     if len(used) < 2:
         fit.reason = _impossible_reason(
             fit.axis, fit.sizes, fit.size_status, list(fam["edge_side"])
         )
+        fit.verdict, fit.verdict_why = "inconclusive", fit.reason
         return
     fit.status = "ok"
     x = np.log2(used[fit.axis].to_numpy(float))
@@ -154,37 +191,36 @@ def _fill(fit: TransferFit, fam: pd.DataFrame, optima: Optima, predict: int | No
     slope = float(xc @ (y - y.mean()) / sxx)
     fit.slope, fit.intercept = slope, float(y.mean() - slope * x.mean())
     fit.drift = float(y[-1] - y[0])
+    # The location method's error, as standard deviations, enters every interval in quadrature.
+    m_sd = np.array([method_sd(v) for v in used["method_error"]])
+    slope_method = Z_975 * float(np.sqrt(np.sum((xc / sxx) ** 2 * m_sd**2)))
+    drift_method = Z_975 * float(np.hypot(m_sd[0], m_sd[-1]))
 
-    draws = np.column_stack([optima.samples[int(c)] for c in used["cell"]])
-    draws = draws[np.isfinite(draws).all(axis=1)]
-    if len(draws) >= 10:
-        slopes = (draws - draws.mean(axis=1, keepdims=True)) @ xc / sxx
-        intercepts = draws.mean(axis=1) - slopes * x.mean()
-        fit.slope_ci = [float(v) for v in np.quantile(slopes, [0.025, 0.975])]
-        fit.drift_ci = [float(v) for v in np.quantile(draws[:, -1] - draws[:, 0], [0.025, 0.975])]
-        fit.transfers = bool(fit.slope_ci[0] <= 0 <= fit.slope_ci[1])
-    else:
-        slopes = intercepts = None
+    samples = [optima.samples(c) for c in used["cell"]]
+    slopes = intercepts = draws = None
+    if all(s is not None for s in samples):
+        draws = np.column_stack(samples)
+        draws = draws[np.isfinite(draws).all(axis=1)]
+        if len(draws) >= max(10, optima.n_bootstrap // 2):
+            slopes = (draws - draws.mean(axis=1, keepdims=True)) @ xc / sxx
+            intercepts = draws.mean(axis=1) - slopes * x.mean()
+            fit.slope_ci = _widen(slope, *np.quantile(slopes, [0.025, 0.975]), slope_method)
+            dq = np.quantile(draws[:, -1] - draws[:, 0], [0.025, 0.975])
+            fit.drift_ci = _widen(fit.drift, *dq, drift_method)
+            fit.noise = "seeds"
+    elif len(used) >= 3:
+        # No measured seed noise: the scatter of the optima about the line is the only
+        # measurement of it (Student's t with n - 2 degrees of freedom).
+        resid = y - (fit.intercept + slope * x)
+        se = float(np.sqrt(resid @ resid / (len(y) - 2) / sxx))
+        half = t_quantile_975(len(y) - 2) * se
+        fit.slope_ci = _widen(slope, slope - half, slope + half, slope_method)
+        fit.noise = "scatter"
+    fit.tolerance = tolerance
+    v = judge(slope, fit.slope_ci, tolerance, settle=_what_would_settle(fit, used))
+    fit.verdict, fit.verdict_why = v.verdict, v.why
 
-    lo, hi = used.iloc[0], used.iloc[-1]
-    copied = loss_at(hi, optima.curve(hi["cell"]), float(lo["log2_lr_star"]))
-    best = float(hi["loss_star"])
-    if np.isnan(copied):
-        fit.penalty_note = (
-            f"lr*({fit.axis} {int(lo[fit.axis])}) lies outside the lr grid of"
-            f" {fit.axis} {int(hi[fit.axis])}"
-        )
-    elif np.isinf(copied):
-        fit.penalty_note = (
-            f"copying lr*({fit.axis} {int(lo[fit.axis])}) to {fit.axis} {int(hi[fit.axis])}"
-            " diverges"
-        )
-    else:
-        # The parabola's minimum is below its value anywhere else, so the penalty is >= 0 up to
-        # interpolation between the parabola and the measured curve; clip that noise at 0.
-        fit.penalty = max(0.0, copied - best)
-        fit.penalty_rel = fit.penalty / best
-
+    _penalty(fit, used, optima, draws)
     if predict is not None and fit.axis == "width":
         target = float(np.log2(predict))
         value = fit.intercept + fit.slope * target
@@ -199,6 +235,46 @@ def _fill(fit: TransferFit, fam: pd.DataFrame, optima: Optima, predict: int | No
             pred["log2_lr_ci"] = [float(q[0]), float(q[1])]
             pred["lr_ci"] = [float(2.0 ** q[0]), float(2.0 ** q[1])]
         fit.prediction = pred
+
+
+def _penalty(
+    fit: TransferFit, used: pd.DataFrame, optima: Optima, draws: np.ndarray | None
+) -> None:
+    """What copying the smallest size's lr* to the largest costs, from the largest size's
+    fitted curve (its measured curve, interpolated, beyond the fit's span), with an interval
+    from the same draws as the slope's."""
+    lo, hi = used.iloc[0], used.iloc[-1]
+    copied = float(lo["log2_lr_star"])
+    best = float(hi["loss_star"])
+    excess = float(optima.point[int(hi["cell"])].excess(copied)[0])
+    if np.isnan(excess):
+        excess = loss_at(optima.curve(hi["cell"]), copied) - best
+    if np.isnan(excess):
+        fit.penalty_note = (
+            f"lr*({fit.axis} {int(lo[fit.axis])}) lies outside the lr grid of"
+            f" {fit.axis} {int(hi[fit.axis])}"
+        )
+        return
+    if np.isinf(excess):
+        fit.penalty_note = (
+            f"copying lr*({fit.axis} {int(lo[fit.axis])}) to {fit.axis} {int(hi[fit.axis])}"
+            " diverges"
+        )
+        return
+    # The fitted minimum lies below the fitted curve anywhere else; the measured curve can dip
+    # below it by noise: clip at 0.
+    fit.penalty = max(0.0, excess)
+    fit.penalty_rel = fit.penalty / best
+    lo_samples = optima.samples(int(lo["cell"]))
+    per_draw = None if draws is None else optima.excess_draws(int(hi["cell"]), lo_samples)
+    if per_draw is None:
+        return
+    per_draw = np.clip(per_draw, 0.0, None)
+    # A draw whose copied lr diverges costs everything: inf is a legitimate upper quantile.
+    if (~np.isnan(per_draw)).mean() >= 0.9:
+        q = np.nanquantile(per_draw, [0.025, 0.975], method="inverted_cdf")
+        fit.penalty_ci = [float(q[0]), float(q[1])]
+        fit.penalty_rel_ci = [float(q[0]) / best, float(q[1]) / best]
 
 
 def _wider_is_better(fit: TransferFit, fam: pd.DataFrame, optima: Optima) -> None:

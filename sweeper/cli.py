@@ -253,6 +253,15 @@ Metric = Annotated[str, typer.Option(help="final_val, smoothed_train or last_fra
 PredictWidth = Annotated[
     int | None, typer.Option(help="Predict the optimal lr at this width.", min=1)
 ]
+Tolerance = Annotated[
+    float | None,
+    typer.Option(
+        help="Verdict band, octaves of optimal lr (or norm) per doubling: 'transfers' when the"
+        " 95 % interval lies within +-this [default: 0.25].",
+        min=0.01,
+        max=10.0,
+    ),
+]
 Horizons = Annotated[
     list[int] | None,
     typer.Option(
@@ -268,6 +277,7 @@ def report(
     metric: Metric = "final_val",
     predict_width: PredictWidth = None,
     horizons: Horizons = None,
+    tolerance: Tolerance = None,
 ) -> None:
     """Write report.html, its figures and fits.json."""
     from analysis import AnalysisError
@@ -275,7 +285,12 @@ def report(
 
     try:
         path = write_report(
-            results, out, metric=metric, predict_width=predict_width, horizons=horizons or None
+            results,
+            out,
+            metric=metric,
+            predict_width=predict_width,
+            horizons=horizons or None,
+            tolerance=tolerance,
         )
     except AnalysisError as err:
         _fail(str(err))
@@ -288,6 +303,7 @@ def analyze(
     metric: Metric = "final_val",
     predict_width: PredictWidth = None,
     horizons: Horizons = None,
+    tolerance: Tolerance = None,
 ) -> None:
     """Print the optimal-lr and transfer tables."""
     from analysis import AnalysisError
@@ -299,6 +315,7 @@ def analyze(
             metric=metric,
             predict_width=predict_width,
             horizons=horizons or None,
+            tolerance=tolerance,
             console=console,
         )
     except AnalysisError as err:

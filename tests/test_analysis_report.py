@@ -57,21 +57,31 @@ def test_report_is_self_contained_html_with_every_figure(report, fits):
 
 
 def test_fits_json_holds_every_fitted_number(fits):
-    assert fits["meta"]["metric"] == "final_val" and fits["meta"]["n_bootstrap"] == 1000
+    assert fits["meta"]["metric"] == "final_val" and fits["meta"]["n_bootstrap"] == 500
+    assert fits["meta"]["tolerance"] == 0.25
     counts = fits["counts"]
     assert counts["failed"] > 0 and counts["total"] == 2 * 3 * 2 * 2 * 9
     assert len(fits["optima"]) == 2 * 3 * 2
     cell = fits["optima"][0]
-    assert set(cell) >= {"log2_lr_star", "log2_lr_star_ci", "loss_star", "status", "parabola"}
+    assert set(cell) >= {
+        "log2_lr_star",
+        "log2_lr_star_ci",
+        "loss_star",
+        "status",
+        "flags",
+        "n_seeds",
+    }
     transfer = {(f["optimizer"], f["family"]["batch_size"]): f for f in fits["width_transfer"]}
     assert len(transfer) == 4
     adamw = transfer[("adamw", 32)]
     assert adamw["slope_ci"][0] <= -1.0 <= adamw["slope_ci"][1]
+    assert adamw["verdict"] == "drifts" and adamw["tolerance"] == 0.25
+    assert {"penalty", "penalty_ci", "drift", "drift_ci", "verdict_why"} <= set(adamw)
     assert adamw["prediction"]["width"] == 1024
     assert fits["norm_transfer"]["summary"]["n_ok"] > 0
     assert fits["scaling"]["lr_law"] and fits["layer_lr"] == []
-    assert any("adamw" in c and "does not transfer" in c for c in fits["conclusions"])
-    assert any("scion" in c and "transfers" in c for c in fits["conclusions"])
+    assert any("adamw" in c and "lr drifts" in c for c in fits["conclusions"])
+    assert any("scion" in c and "lr transfers" in c for c in fits["conclusions"])
 
 
 def test_default_output_folder_and_rerun(tmp_path):
