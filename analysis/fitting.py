@@ -15,7 +15,7 @@ _T975 = (
     2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
     2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 )  # fmt: skip
-_Z975 = 1.959963984540054
+Z_975 = 1.959963984540054
 
 
 def t_quantile_975(dof: int) -> float:
@@ -24,7 +24,7 @@ def t_quantile_975(dof: int) -> float:
         return float("nan")
     if dof <= len(_T975):
         return _T975[dof - 1]
-    z, n = _Z975, float(dof)
+    z, n = Z_975, float(dof)
     return (
         z
         + (z**3 + z) / (4 * n)

@@ -36,6 +36,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .fitting import Z_975
+
 # Half-width of the fit window around the grid argmin, in octaves of lr.
 WINDOW_OCTAVES = 2.0
 # Resolution of the profile over x0 (octaves).
@@ -114,7 +116,7 @@ def _profile(xs: np.ndarray, ys: np.ndarray, x_min: float, x_max: float):
     """Every candidate (shape, x0) fitted to curves ys (D, m) on points xs (m,), x0 in
     [x_min, x_max]: (x0 grid (X,), coefficients (S*X, D, 3), squared errors (S*X, D), inf for
     candidates with a negative coefficient)."""
-    x0s = np.arange(x_min, x_max + X0_STEP / 2, X0_STEP)
+    x0s = np.round(np.arange(x_min, x_max + X0_STEP / 2, X0_STEP), 9)
     u = xs[None, :] - x0s[:, None]  # (X, m)
     cols = _shape_columns(u)  # (S, X, m, 2)
     s_n, x_n, m, _ = cols.shape
@@ -274,7 +276,7 @@ def _method_error_cached(rel: tuple[float, ...], i: int) -> float:
     # Only the cases whose grid argmin is the cell's: others are a different grid position.
     same = np.argmin(curves.reshape(-1, len(xs)), axis=1) == i
     err = (fits.x0 - truth)[same]
-    return float(1.959964 * np.sqrt(np.mean(err**2))) if len(err) else float("nan")
+    return float(Z_975 * np.sqrt(np.mean(err**2))) if len(err) else float("nan")
 
 
 def method_error(x: np.ndarray, finite: np.ndarray, i: int) -> float:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .fitting import Z_975
 from .load import CONFIG_COLUMNS, Results
 from .location import (
     WINDOW_OCTAVES,
@@ -46,7 +47,6 @@ N_BOOTSTRAP = 500
 WINDOW = WINDOW_OCTAVES
 # Near-optimal set: lrs whose mean loss is within this fraction of the cell's best (Step Law).
 NEAR_OPTIMAL = 0.0025
-Z_975 = 1.959964
 
 
 @dataclass

@@ -267,6 +267,7 @@ def plot_lr_star_vs_width(an: Analysis) -> Figure | None:
         hi = np.array([np.nan if c[1] is None else c[1] for c in fit.log2_lr_star_ci])
         used = np.array(fit.used)
         err = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
+        has_ci = np.isfinite(err).all(axis=0)
         err = np.where(np.isfinite(err), err, 0)
         if used.any():
             ax.errorbar(
@@ -276,7 +277,7 @@ def plot_lr_star_vs_width(an: Analysis) -> Figure | None:
                 fmt="o",
                 color="C0",
                 capsize=4,
-                label="lr* (95 % bootstrap CI)",
+                label="lr* (95 % CI)" if has_ci[used].all() else "lr* (one seed: no interval)",
             )
         edge = ~used & np.isfinite(y)
         if edge.any():
@@ -288,13 +289,13 @@ def plot_lr_star_vs_width(an: Analysis) -> Figure | None:
                 mfc="white",
                 color="C3",
                 capsize=4,
-                label="on the grid edge (not fitted)",
+                label="flagged: grid edge or divergence (not fitted)",
             )
         title = _family_title(fit)
         if fit.status == "ok":
             xx = np.linspace(x.min() - 0.3, x.max() + 0.3, 20)
             ci = fit.slope_ci or [np.nan, np.nan]
-            title += f"\nslope {fit.slope:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+            title += f"\nslope {fit.slope:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]: {fit.verdict}"
             ax.plot(
                 xx,
                 fit.intercept + fit.slope * xx,
@@ -333,7 +334,11 @@ def plot_lr_star_vs_width(an: Analysis) -> Figure | None:
         ax.grid(alpha=0.3)
         _readable(ax)
     _one_legend(fig, axes)
-    fig.suptitle("Optimal learning rate vs width (slope 0 = the lr transfers)", fontsize=FS_TITLE)
+    tolerance = next(iter(fams.values())).tolerance
+    band = f"; verdicts at +-{tolerance:g} octave per doubling" if tolerance else ""
+    fig.suptitle(
+        f"Optimal learning rate vs width (slope 0 = the lr transfers{band})", fontsize=FS_TITLE
+    )
     return fig
 
 

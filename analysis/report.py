@@ -1,46 +1,7 @@
 """The entry points: `write_report` (report.html + PNGs + fits.json) and `print_summary`.
 
-fits.json (JSON-clean: NaN and inf are written as null; lrs in log2 units, "octaves"):
-    version            format version of this file
-    meta               results path, sweeps, metric (+ description), generated_at, n_bootstrap,
-                       parabola_window, near_optimal_fraction, horizons (tokens), predict_width,
-                       timings_s
-    counts             trials by status (total, completed, diverged, failed, no_metric: completed
-                       without the chosen metric, diverged_in_fits), and by optimizer
-    varying            config columns that vary across the store, with their values
-    seed_spread        pooled seed-to-seed standard deviation of the loss, per optimizer and "*"
-    optima             one record per cell: config, lr grid, n_seeds / n_trials / n_diverged,
-                       argmin_log2_lr, log2_lr_star (parabola-refined), lr_star,
-                       log2_lr_star_ci (2.5/97.5 % bootstrap), loss_star, method (parabola |
-                       argmin | none), status (ok | edge | all_diverged | too_few_lrs), edge_side
-                       (low | high), interior_frac (share of resamples with an interior optimum),
-                       bootstrap (seeds | parametric | parametric-residual), seed_sigma,
-                       parabola {a, b, c, x_range} in log2 lr, near_optimal_log2_lr (0.25 %)
-    width_transfer     one record per family (cells equal but for width): sizes, per-size
-    depth_transfer     log2_lr_star / CI / status / used, status (ok | impossible) and reason,
-                       slope (octaves of lr* per doubling) with slope_ci, intercept, transfers
-                       (slope CI contains 0), drift (+ drift_ci) in octaves, penalty (nats) and
-                       penalty_rel, penalty_note, wider_is_better (+ wider_log2_lr,
-                       wider_losses), best_loss_falls, prediction {width, log2_lr, lr,
-                       log2_lr_ci, lr_ci, extrapolation}
-    norm_transfer      null without output norms; else fits (per config, horizon, batch size:
-                       log2_norm_opt with ci_lo/ci_hi, loss_opt, parabola a/b/c over
-                       x_lo..x_hi in log2 norm, n_points, weighted, bootstrap, status), best
-                       (per config and horizon: the batch size with the lowest loss),
-                       across_widths, across_horizons (per family: slope of log2 norm* per
-                       doubling of width / of horizon, slope_ci, slope_ci_method, n_fits,
-                       n_horizons, n_widths, verdict, verdict_why, tolerance, the fits that
-                       entered with their CIs, not_used), summary (tolerance, counts, per
-                       optimizer the verdicts of its headline family)
-    scaling            source (horizons | cells), lr_law (per config: status ok |
-                       exactly-determined | impossible, terms a (log2 B), b (log2 D), c, each
-                       {value, se, ci, ci_ols, ci_bootstrap}; ci is the hull of the OLS and
-                       bootstrap intervals; null when exactly determined), batch_law (per_horizon
-                       log2 B*, terms e and log2_k of B* = k D^e), optima (per config, B, D)
-    layer_lr           per family varying lr multipliers: best combination, its loss relative
-                       to all ones, every combination
-    figures            figure name -> PNG file name, or null when not drawn
-    notes, conclusions the report's remarks and plain-words conclusions
+fits.json is a documented contract: every key is described in the README's "fits.json" section
+(and a test checks that the README names every key this module writes).
 """
 
 from __future__ import annotations
@@ -66,7 +27,7 @@ from .plots import FIGURE_NEEDS, FIGURE_TITLES, PLOTS, figure_png
 from .transfer import TransferFit, headline
 from .verdict import VERDICTS
 
-FITS_VERSION = 1
+FITS_VERSION = 2
 
 
 # --------------------------------------------------------------------------- JSON
@@ -258,6 +219,11 @@ def prediction_sentence(f: TransferFit) -> str | None:
     return text + "."
 
 
+def _some_labels(cells: pd.DataFrame) -> str:
+    """The first few cells' labels, for a sentence."""
+    return "; ".join(cells["label"].head(5)) + ("; ..." if len(cells) > 5 else "") + "."
+
+
 def conclusions(an: Analysis) -> list[str]:
     res = an.results
     counts = res.status_counts()
@@ -287,9 +253,7 @@ def conclusions(an: Analysis) -> list[str]:
     if len(dead):
         out.append(
             f"Fit impossible for {len(dead)} cell(s) where every trial diverged: "
-            + "; ".join(dead["label"].head(5))
-            + ("; ..." if len(dead) > 5 else "")
-            + "."
+            + _some_labels(dead)
         )
     bounded = table[table["status"] == "divergence_bounded"]
     if len(bounded):
@@ -297,10 +261,7 @@ def conclusions(an: Analysis) -> list[str]:
             f"{len(bounded)} of {len(table)} cells: optimum bounded by divergence (the loss"
             " still falls at the last lr that did not diverge, so the optimum lies near the"
             " divergence cliff; a finer grid there would locate it; no transfer claim rests on"
-            " them): "
-            + "; ".join(bounded["label"].head(5))
-            + ("; ..." if len(bounded) > 5 else "")
-            + "."
+            " them): " + _some_labels(bounded)
         )
     single = table[table["noise"] == "none"]
     if len(single):
@@ -317,9 +278,7 @@ def conclusions(an: Analysis) -> list[str]:
         out.append(
             f"{len(edge)} of {len(table)} cells: optimum on the lr grid's edge"
             f" (widen the grid towards {towards} lrs; no transfer claim rests on them): "
-            + "; ".join(edge["label"].head(5))
-            + ("; ..." if len(edge) > 5 else "")
-            + "."
+            + _some_labels(edge)
         )
     if res.usable["width"].nunique() < 2:
         out.append(
@@ -615,7 +574,7 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
             "<p class='note'>slope of log2 lr* against log2 size (octaves per doubling), 95 %"
             " CI from the cells' bootstrap draws (from the optima's scatter with one seed);"
             f" verdict: transfers when the CI lies within +-{an.tolerance:g}, drifts when it"
-            " lies outside (or excludes 0 with the slope beyond it), else inconclusive;"
+            " lies wholly outside it, else inconclusive;"
             " drift: lr* at the largest minus at the smallest size used; penalty: the largest"
             " size's loss at the smallest size's lr* above its best loss, relative. * = not used"
             " (optimum on the grid's edge, bounded by divergence, or none).</p>"

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .fitting import t_quantile_975
+from .fitting import Z_975, t_quantile_975
 from .load import CONFIG_COLUMNS, format_value
-from .optimum import Z_975, Optima, loss_at, method_sd
+from .optimum import Optima, loss_at, method_sd
 from .verdict import DEFAULT_TOLERANCE, judge
 
 TRANSFER_AXES = ("width", "depth")
@@ -175,6 +175,7 @@ def _what_would_settle(fit: TransferFit, used: pd.DataFrame) -> str:
 def _fill(
     fit: TransferFit, fam: pd.DataFrame, optima: Optima, predict: int | None, tolerance: float
 ) -> None:
+    fit.tolerance = tolerance
     _wider_is_better(fit, fam, optima)
     used = fam[fam["status"] == "ok"]
     if len(used) < 2:
@@ -216,7 +217,6 @@ def _fill(
         half = t_quantile_975(len(y) - 2) * se
         fit.slope_ci = _widen(slope, slope - half, slope + half, slope_method)
         fit.noise = "scatter"
-    fit.tolerance = tolerance
     v = judge(slope, fit.slope_ci, tolerance, settle=_what_would_settle(fit, used))
     fit.verdict, fit.verdict_why = v.verdict, v.why
 

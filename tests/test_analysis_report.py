@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -149,3 +150,20 @@ def test_all_failed_and_too_few_lrs(tmp_path):
     )
     assert {c["status"] for c in fits["optima"]} == {"too_few_lrs"}
     assert all("fewer than 3 lrs" in f["reason"] for f in fits["width_transfer"])
+
+
+def test_readme_documents_every_fits_json_key(fits):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## fits.json") :]
+    section = section[: section.index("\n## ", 5)]
+    records = {
+        "top level": fits,
+        "meta": fits["meta"],
+        "optima": fits["optima"][0],
+        "width_transfer": fits["width_transfer"][0],
+        "norm_transfer": fits["norm_transfer"],
+        "norm_transfer.across_widths": fits["norm_transfer"]["across_widths"][0],
+    }
+    for where, record in records.items():
+        for key in record:
+            assert f"`{key}`" in section, f"README's fits.json section lacks {where}.{key}"

@@ -1,6 +1,6 @@
 """The committed quickstart report is what the current code produces from its store.
 
-The store behind results/quickstart/report (84 trials) is kept in tests/data/quickstart, so
+The store behind results/quickstart/report (108 trials) is kept in tests/data/quickstart, so
 that running the quickstart command trains afresh instead of finding it done.
 """
 
@@ -30,6 +30,9 @@ def test_committed_report_matches_the_current_analysis(tmp_path):
         assert new["loss_star"] == pytest.approx(old["loss_star"], abs=1e-6)
     for new, old in zip(fresh["width_transfer"], committed["width_transfer"], strict=True):
         assert (new["label"], new["slope"]) == (old["label"], pytest.approx(old["slope"]))
+        assert new["verdict"] == old["verdict"] and new["slope_ci"] == pytest.approx(
+            old["slope_ci"]
+        )
     for name in committed["figures"].values():
         assert name is None or (REPORT / name).is_file()
 
