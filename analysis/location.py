@@ -18,11 +18,13 @@ For fixed (shape, x0) the fit is linear least squares, so x0 is profiled over a 
 between the argmin's neighbours and the (shape, x0) with the least squared error wins.
 Noiseless checks on one-octave grids (optimum anywhere between grid points): exact for
 piecewise parabolas and rounded V's of any asymmetry, within 0.07 octave of the truth for V's
-whose rounding is between the candidates', and up to 0.32 octave off for an exponential rise
-(k = 1) with its optimum a quarter step off a grid point, which five points one octave apart
-cannot tell from a rounded V. Half-octave grids: within 0.06 octave for all of them.
-`method_error` measures this on the grid at hand (one-octave grid: +-0.10 octave, half-octave:
-+-0.04), and optimum.py widens every interval by it.
+whose rounding is between the candidates', but up to half an octave off or more for an
+exponential rise or a quartic wall, which five points one octave apart cannot tell from a rounded
+V. Half-octave grids: within 0.07 octave for the family's shapes, 0.25 for those outside it.
+`method_error` measures this on the grid at hand, on those shapes and on a few the family does
+not hold (one-octave grid: +-0.5 octave, half-octave: +-0.11), and optimum.py widens every
+interval by it: five points one octave apart cannot tell an exponential rise from a rounded V,
+and the interval says so.
 
 With fewer than 4 finite points in the window (or none on one side of the argmin) the fit falls
 back to the parabola through the argmin and its two neighbours, and to the argmin itself when
@@ -43,10 +45,12 @@ WINDOW_OCTAVES = 2.0
 # Resolution of the profile over x0 (octaves).
 X0_STEP = 0.02
 ROUNDINGS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # r of the rounded V's, octaves
-RISES = (-1.0, -0.5, 0.5, 1.0, 1.5, 2.0, 3.0)  # k of the exponential rises, 1/octave
-# Shapes the method's own error is measured on (noiseless, optimum between grid points):
-# a parabola, piecewise parabolas 3x and 5x steeper above, two rounded V's with slopes like the
-# quickstart's AdamW curves, and an exponential rise.
+RISES = (-1.0, -0.5, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)  # k of the rises, 1/octave
+# Shapes the method's own error is measured on (noiseless, optimum between grid points): a
+# parabola, piecewise parabolas 3x and 5x steeper above, two rounded V's with slopes like the
+# quickstart's AdamW curves, exponential rises, and shapes the fit's family does not hold (a rise
+# between its k's, a steeper one, a quartic wall above the optimum), so that the error it
+# reports includes the fit's misspecification, not only its resolution.
 REFERENCE_SHAPES = (
     ("parabola", lambda u: 0.03 * u**2),
     ("steeper-above-3x", lambda u: np.where(u < 0, 0.03, 0.09) * u**2),
@@ -54,6 +58,9 @@ REFERENCE_SHAPES = (
     ("rounded-v", lambda u: np.where(u < 0, 0.08, 0.3) * (np.sqrt(u**2 + 0.49) - 0.7)),
     ("sharp-v", lambda u: np.where(u < 0, 0.05, 0.4) * (np.sqrt(u**2 + 0.25) - 0.5)),
     ("exponential", lambda u: 0.06 * (np.exp(u) - u - 1)),
+    ("exponential-k1.1", lambda u: 0.05 * (np.exp(1.1 * u) - 1.1 * u - 1)),
+    ("exponential-k2.25", lambda u: 0.012 * (np.exp(2.25 * u) - 2.25 * u - 1)),
+    ("quartic-above", lambda u: 0.01 * u**2 + 0.004 * u**4 * (u > 0)),
 )
 
 
@@ -210,8 +217,9 @@ def shape_ambiguity(x: np.ndarray, y: np.ndarray, noise_var: float) -> float:
     error exceeds the best shape's by less than 3.84 (chi-square, 1 dof, 95 %) times the noise
     variance of a point (`noise_var`). Coarse grids leave several shapes within that, with
     optima up to a few tenths of an octave apart: the location is not known better than that,
-    whatever the noise. Returns the largest distance from the best fit's x0 (octaves), 0 when
-    the fit is not a shape fit.
+    whatever the noise. When the best shape misses the points by more than the noise, its
+    misfit variance replaces the noise variance. Returns the largest distance from the best
+    fit's x0 (octaves), 0 when the fit is not a shape fit.
     """
     x = np.asarray(x, float)
     y = np.asarray(y, float)
@@ -230,7 +238,10 @@ def shape_ambiguity(x: np.ndarray, y: np.ndarray, noise_var: float) -> float:
         return 0.0
     best_x0 = x0s[np.argmin(per_shape, axis=1)]
     top = int(np.argmin(best_sse))
-    plausible = best_sse <= best_sse[top] + 3.84 * noise_var
+    # A best fit that misses the points by more than the noise says the curve's shape is not
+    # among the candidates: its misfit then sets the scale of "about equally well".
+    misfit = best_sse[top] / max(len(idx) - 4, 1)
+    plausible = best_sse <= best_sse[top] + 3.84 * max(noise_var, misfit)
     return float(np.max(np.abs(best_x0[plausible] - best_x0[top])))
 
 
@@ -264,12 +275,11 @@ def locate_optimum(x: np.ndarray, y: np.ndarray, window: float = WINDOW_OCTAVES)
 @lru_cache(maxsize=256)
 def _method_error_cached(rel: tuple[float, ...], i: int) -> float:
     xs = np.array(rel)
-    step = min(
-        xs[i] - xs[i - 1] if i > 0 else np.inf, xs[i + 1] - xs[i] if i + 1 < len(xs) else np.inf
-    )
-    if not np.isfinite(step):
+    if i == 0 or i + 1 >= len(xs):
         return float("nan")
-    offsets = np.linspace(-step / 2, step / 2, 9)
+    # The optimum lies anywhere between the midpoints to the argmin's neighbours (an irregular
+    # grid makes the two sides differ).
+    offsets = np.linspace(-(xs[i] - xs[i - 1]) / 2, (xs[i + 1] - xs[i]) / 2, 9)
     curves = np.stack([f(xs[None, :] - offsets[:, None]) for _, f in REFERENCE_SHAPES])
     fits = fit_curves(xs, curves.reshape(-1, len(xs)))
     truth = np.tile(offsets, len(REFERENCE_SHAPES))
@@ -282,7 +292,8 @@ def _method_error_cached(rel: tuple[float, ...], i: int) -> float:
 def method_error(x: np.ndarray, finite: np.ndarray, i: int) -> float:
     """The location method's own error on this grid, as the half-width of a 95 % interval
     (1.96 x the RMS error, octaves) over noiseless reference curves laid on the grid's finite
-    points near the argmin `i`, their optimum anywhere within half a grid step of the argmin."""
+    points near the argmin `i`, their optimum anywhere between the midpoints to the argmin's
+    neighbours."""
     x = np.asarray(x, float)
     idx = np.flatnonzero(finite & (np.abs(x - x[i]) <= WINDOW_OCTAVES + 1e-9))
     if i not in idx:

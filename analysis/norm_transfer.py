@@ -143,9 +143,18 @@ def _fit_one(
     # else Gaussian noise of each point's standard error (of the fit's residuals without seeds).
     ys, xs, ns = loss[sl], norm[sl], n[sl]
     if ns.min() >= MIN_SEEDS_TO_RESAMPLE:
-        # Each point draws as many seeds as it has: the first ns[k] of S draws count.
+        # A seed's offset is shared by every point of the fit and moves no optimum: with every
+        # seed at every point, one draw of seed indices serves all points (seeds resampled
+        # jointly); otherwise each point draws from the seeds it has, packed to the left.
         width = ys.shape[1]
-        draws = rng.integers(0, 1 << 30, size=(n_boot, k, width)) % ns[None, :, None]
+        joint = bool((ns == width).all())
+        if not joint:
+            order = np.argsort(np.isnan(ys), axis=1, kind="stable")
+            ys, xs = np.take_along_axis(ys, order, 1), np.take_along_axis(xs, order, 1)
+        shape = (n_boot, 1, width) if joint else (n_boot, k, width)
+        draws = np.broadcast_to(
+            rng.integers(0, 1 << 30, size=shape) % ns[None, :, None], (n_boot, k, width)
+        )
         counted = (np.arange(width)[None, :] < ns[:, None]) / ns[:, None]
         picked_y = np.take_along_axis(np.broadcast_to(ys, (n_boot, *ys.shape)), draws, 2)
         picked_x = np.take_along_axis(np.broadcast_to(xs, (n_boot, *xs.shape)), draws, 2)
@@ -242,7 +251,11 @@ def fit_norm_transfer(
 
     rows: list[dict[str, Any]] = []
     draws: list[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
-    data = data.assign(rep=data.groupby(point_keys, dropna=False).cumcount())
+    # Column = the seed's rank within the configuration, so that a column is one seed (one
+    # initialisation and batch order) at every point, and a resample can draw seeds jointly.
+    data = data.assign(
+        rep=data.groupby(group, dropna=False)["seed"].rank(method="dense").astype(int) - 1
+    )
     for key, part in data.groupby(group, dropna=False, sort=True):
         pid, lr_values = pd.factorize(part["log2_lr"], sort=True)
         loss = np.full((len(lr_values), part["rep"].max() + 1), np.nan)

@@ -25,6 +25,7 @@ location unknown). Neither has an interval, and neither enters a transfer fit.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +44,7 @@ from .location import (
 
 __all__ = ["WINDOW", "Optima", "find_optima", "locate_optimum", "loss_at"]
 
-N_BOOTSTRAP = 500
+N_BOOTSTRAP = 400
 WINDOW = WINDOW_OCTAVES
 # Near-optimal set: lrs whose mean loss is within this fraction of the cell's best (Step Law).
 NEAR_OPTIMAL = 0.0025
@@ -116,11 +117,32 @@ def _cell_matrix(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _mean(y: np.ndarray) -> np.ndarray:
-    """Mean of each row's measured values (inf if any is inf), NaN for a row with none."""
+    """Each lr's mean loss over its seeds (inf if any diverged, NaN with none measured).
+
+    Where some seeds were not measured at some lrs, a plain mean would carry those seeds' shared
+    offsets into the curve's shape (an lr run with only the luckiest seed looks best): the seeds'
+    offsets are then fitted (an additive lr + seed model over the finite losses) and removed
+    first. With every seed at every finite lr this is the plain mean.
+    """
     n = (~np.isnan(y)).sum(axis=-1)
+    finite = np.isfinite(y)
+    rows = finite.any(axis=1)
+    offset = np.zeros(y.shape[1])
+    if not (finite[rows] == finite[rows].all(axis=0)).all():
+        z = np.where(finite, y, np.nan)
+        seen = finite.any(axis=0)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows and columns
+            for _ in range(100):
+                level = np.nanmean(z - offset, axis=1)
+                new = np.where(seen, np.nanmean(z - level[:, None], axis=0), 0.0)
+                new = np.where(seen, new - new[seen].mean(), 0.0)
+                if np.allclose(new, offset, atol=1e-12):
+                    break
+                offset = new
     with np.errstate(invalid="ignore", divide="ignore"):
-        total = np.where(np.isnan(y), 0.0, y).sum(axis=-1)
-        return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+        centred = np.where(finite, y - offset, 0.0).sum(axis=-1) / np.maximum(finite.sum(-1), 1)
+        return np.where(np.isinf(y).any(axis=-1), np.inf, np.where(n > 0, centred, np.nan))
 
 
 def _sem(y: np.ndarray) -> np.ndarray:

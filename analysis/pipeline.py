@@ -6,8 +6,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from .errors import AnalysisError
 from .horizons import default_horizons, horizon_table
 from .layer_lr import fit_layer_lr
 from .load import Results, load_results
@@ -46,7 +48,9 @@ def analyze(
     tolerance: float | None = None,
 ) -> Analysis:
     """Load (unless given loaded results) and fit everything the report shows."""
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    if not (np.isfinite(tolerance) and tolerance > 0):
+        raise AnalysisError(f"tolerance must be a positive number of octaves, not {tolerance}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if not isinstance(results, Results):

@@ -173,14 +173,16 @@ def transfer_sentence(f: TransferFit) -> str:
         return f"{f.label}: inconclusive, {f.reason}."
     used = [s for s, u in zip(f.sizes, f.used, strict=True) if u]
     u0, u1 = used[0], used[-1]
+    drift = f"by {f.drift:+.2f} {_fmt_ci(f.drift_ci)} octaves"
     lead = {
         "transfers": f"the optimal lr transfers across {f.axis} {u0}-{u1}",
-        "drifts": f"the optimal lr drifts across {f.axis} {u0}-{u1}, by {f.drift:+.2f} octaves",
+        "drifts": f"the optimal lr drifts across {f.axis} {u0}-{u1}, {drift}",
         "inconclusive": f"transfer across {f.axis} {u0}-{u1} is inconclusive",
     }[f.verdict]
     slope = f"slope {f.slope:+.2f} {_fmt_ci(f.slope_ci)} octaves per doubling"
     text = (
-        f"{f.label}: {lead} ({slope}; tolerance +-{f.tolerance:g}: {f.verdict_why}"
+        f"{f.label}: {lead} ({slope}; {_plural(f.n_seeds, 'seed')} per point;"
+        f" tolerance +-{f.tolerance:g}: {f.verdict_why}"
         + ("; interval from the optima's scatter, one seed" if f.noise == "scatter" else "")
         + ")"
     )
@@ -263,10 +265,15 @@ def conclusions(an: Analysis) -> list[str]:
             " divergence cliff; a finer grid there would locate it; no transfer claim rests on"
             " them): " + _some_labels(bounded)
         )
-    single = table[table["noise"] == "none"]
-    if len(single):
+    unmeasured = table[table["noise"] == "none"]
+    if len(unmeasured):
+        why = (
+            "one seed per point"
+            if (unmeasured["n_seeds"] == 1).all()
+            else "no lr where two seeds both finished near the optimum"
+        )
         out.append(
-            f"{len(single)} of {len(table)} cells have one seed and no measured seed noise: their"
+            f"{len(unmeasured)} of {len(table)} cells: no measured seed noise ({why}), so their"
             " optima have no interval (run 3 or more seeds per point for one)."
         )
     edge = table[table["status"] == "edge"]

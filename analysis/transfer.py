@@ -43,6 +43,7 @@ class TransferFit:
     size_status: list[str]  # per size: ok | edge | all_diverged | no_data
     used: list[bool]  # per size: entered the fit
     loss_star: list[float | None]
+    n_seeds: int  # fewest seeds of any of the family's cells
     status: str = "impossible"  # ok | impossible
     reason: str | None = None  # why the fit is impossible, in words
     slope: float | None = None
@@ -97,6 +98,13 @@ def _impossible_reason(axis: str, sizes: list[int], status: list[str], sides: li
             f"the optimum lies on the lr grid's edge at {_range_words(axis, edge)}"
             f" (widen the grid towards {direction} lrs)"
         )
+    bounded = [sz for sz, s in zip(sizes, status, strict=True) if s == "divergence_bounded"]
+    if bounded:
+        parts.append(
+            f"the optimum is bounded by divergence at {_range_words(axis, bounded)} (the loss"
+            " still falls at the last lr where no seed diverged: a finer grid below the"
+            " divergence would locate it)"
+        )
     dead = [sz for sz, s in zip(sizes, status, strict=True) if s == "all_diverged"]
     if dead:
         parts.append(f"every trial diverged at {_range_words(axis, dead)}")
@@ -143,6 +151,7 @@ def fit_transfer(
             size_status=list(fam["status"]),
             used=list(fam["status"] == "ok"),
             loss_star=[_clean(v) for v in fam["loss_star"]],
+            n_seeds=int(fam["n_seeds"].min()),
         )
         _fill(fit, fam, optima, predict, tolerance)
         fits.append(fit)

@@ -58,7 +58,7 @@ def test_report_is_self_contained_html_with_every_figure(report, fits):
 
 
 def test_fits_json_holds_every_fitted_number(fits):
-    assert fits["meta"]["metric"] == "final_val" and fits["meta"]["n_bootstrap"] == 500
+    assert fits["meta"]["metric"] == "final_val" and fits["meta"]["n_bootstrap"] == 400
     assert fits["meta"]["tolerance"] == 0.25
     counts = fits["counts"]
     assert counts["failed"] > 0 and counts["total"] == 2 * 3 * 2 * 2 * 9
@@ -82,7 +82,10 @@ def test_fits_json_holds_every_fitted_number(fits):
     assert fits["norm_transfer"]["summary"]["n_ok"] > 0
     assert fits["scaling"]["lr_law"] and fits["layer_lr"] == []
     assert any("adamw" in c and "lr drifts" in c for c in fits["conclusions"])
-    assert any("scion" in c and "lr transfers" in c for c in fits["conclusions"])
+    # a one-octave grid cannot locate optima well enough for a claim of transfer: it says so
+    scion = transfer[("scion", 32)]
+    assert scion["verdict"] == "inconclusive" and "finer lr grid" in scion["verdict_why"]
+    assert any("scion" in c and "inconclusive" in c for c in fits["conclusions"])
 
 
 def test_default_output_folder_and_rerun(tmp_path):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from analysis.errors import AnalysisError
 from analysis.load import load_results
 from analysis.optimum import find_optima
 from analysis.pipeline import analyze
@@ -167,6 +168,7 @@ def test_divergence_bounded_optimum_gets_a_flag_and_no_interval(tmp_path):
     assert table["ci_lo"].isna().all() and table["ci_hi"].isna().all()
     (fit,) = an.width_transfer
     assert fit.status == "impossible" and fit.verdict == "inconclusive"
+    assert "bounded by divergence at width 64, 128, 256, 512" in fit.reason
 
 
 def test_a_slope_between_transfer_and_drift_is_inconclusive_until_the_tolerance_decides(
@@ -185,3 +187,6 @@ def test_a_slope_between_transfer_and_drift_is_inconclusive_until_the_tolerance_
     assert wide.verdict == "transfers" and wide.tolerance == 0.6
     (narrow,) = analyze(store, tolerance=0.1).width_transfer
     assert narrow.verdict == "drifts"
+    for bad in (0.0, -0.25, float("nan"), float("inf")):
+        with pytest.raises(AnalysisError, match="tolerance must be a positive number"):
+            analyze(store, tolerance=bad)
