@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,12 +25,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real Ray cluster on loopback (`ray start --head`), stopped after the session."""
+    """A real Ray cluster on loopback (`ray start --head --block`), ended after the session.
+
+    `ray stop` would end every Ray instance on the machine, a user's sweep included: the cluster
+    runs in the foreground of its own process group instead, and only that group is ended.
+    """
     port = _free_port()
     # token authentication on, as a user's cluster should have it
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True)
-    subprocess.run(
+    head = subprocess.Popen(
         [
             str(BIN / "ray"),
             "start",
@@ -38,13 +45,38 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> str:
             "--num-gpus=0",
             "--include-dashboard=false",
             "--disable-usage-stats",
+            "--block",
         ],
-        check=True,
         env=env,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    yield f"127.0.0.1:{port}"
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_for_head(address, env, head)
+        yield address
+    finally:
+        # SIGTERM to `ray start --block` ends the processes it started; the group catches the rest.
+        head.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def _wait_for_head(address: str, env: dict, head: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {head.returncode}")
+        probe = subprocess.run(
+            [str(BIN / "ray"), "status", f"--address={address}"], env=env, capture_output=True
+        )
+        if probe.returncode == 0:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"no Ray head answered at {address} within 120 s")
 
 
 def _sweep(*args: str, cwd: Path | None = None, timeout: float = 600, **env: str):
