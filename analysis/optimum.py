@@ -108,12 +108,12 @@ class Optima:
 
 
 def _cell_matrix(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(grid x (L,), seeds (S,), losses (L, S)): NaN where unmeasured, inf where diverged."""
+    """(grid x (L,), losses (L, seeds)): NaN where unmeasured, inf where diverged."""
     x, li = np.unique(part["log2_lr"].to_numpy(), return_inverse=True)
     seeds, si = np.unique(part["seed"].to_numpy(), return_inverse=True)
     y = np.full((len(x), len(seeds)), np.nan)
     y[li, si] = np.where(part["diverged"].to_numpy(), np.inf, part["loss"].to_numpy())
-    return x, seeds, y
+    return x, y
 
 
 def _mean(y: np.ndarray) -> np.ndarray:
@@ -203,7 +203,7 @@ def find_optima(
     first = usable.drop_duplicates("cell").set_index("cell")
     cells = []
     for cell, part in usable.groupby("cell", sort=True):
-        x, seeds, y = _cell_matrix(part)
+        x, y = _cell_matrix(part)
         mean = _mean(y)
         cells.append(
             (int(cell), str(first.loc[cell, "optimizer"]), x, y, mean, fit_curves(x, mean))
@@ -238,7 +238,7 @@ def find_optima(
         finite = np.isfinite(mean)
         i = int(np.argmin(np.where(finite, mean, np.inf))) if finite.any() else 0
         m_err = method_error(x, finite, i) if finite.any() else np.nan
-        ci = (np.nan, np.nan)
+        ci = [np.nan, np.nan]
         interior = np.nan
         if opt in scale and finite.any():
             noise_sd = scale[opt][:, None] / np.sqrt(np.maximum(n_rep, 1))[None, :]
@@ -317,17 +317,22 @@ def method_sd(error_95: float) -> float:
     return error_95 / Z_975 if np.isfinite(error_95) else 0.0
 
 
-def _interval(point: float, samples: np.ndarray, m_err: float) -> tuple[float, float]:
-    """2.5 / 97.5 % of the draws, each side widened in quadrature by the method's error."""
-    ok = np.isfinite(samples)
-    if ok.sum() < max(10, len(samples) // 2):
-        return np.nan, np.nan
-    lo, hi = np.quantile(samples[ok], [0.025, 0.975])
-    m = m_err if np.isfinite(m_err) else 0.0
-    return (
+def widen(point: float, lo: float, hi: float, method: float) -> list[float]:
+    """Each side of the interval [lo, hi] around `point` widened in quadrature by the location
+    method's 95 % error `method` (none when it is not finite)."""
+    m = method if np.isfinite(method) else 0.0
+    return [
         point - float(np.hypot(max(point - lo, 0.0), m)),
         point + float(np.hypot(max(hi - point, 0.0), m)),
-    )
+    ]
+
+
+def _interval(point: float, samples: np.ndarray, m_err: float) -> list[float]:
+    """2.5 / 97.5 % of the draws, widened by the method's error."""
+    ok = np.isfinite(samples)
+    if ok.sum() < max(10, len(samples) // 2):
+        return [np.nan, np.nan]
+    return widen(point, *np.quantile(samples[ok], [0.025, 0.975]), m_err)
 
 
 def loss_at(curve: pd.DataFrame, x: float) -> float:

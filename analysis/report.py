@@ -95,7 +95,8 @@ def _optimum_record(row: pd.Series, varying: list[str]) -> dict[str, Any]:
 
 
 def build_fits(an: Analysis, figures: dict[str, str | None] | None = None) -> dict[str, Any]:
-    """Every fitted number, JSON-clean (the keys are described in the module docstring)."""
+    """Every fitted number, JSON-clean (the keys are described in the README's fits.json
+    section)."""
     res = an.results
     table = an.optima.table
     usable = res.usable

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .fitting import Z_975, t_quantile_975
 from .load import CONFIG_COLUMNS, format_value
-from .optimum import Optima, loss_at, method_sd
+from .optimum import Optima, loss_at, method_sd, widen
 from .verdict import DEFAULT_TOLERANCE, judge
 
 TRANSFER_AXES = ("width", "depth")
@@ -158,14 +158,6 @@ def fit_transfer(
     return fits
 
 
-def _widen(point: float, lo: float, hi: float, method: float) -> list[float]:
-    """Each side of [lo, hi] widened in quadrature by the method's 95 % error."""
-    return [
-        point - float(np.hypot(max(point - lo, 0.0), method)),
-        point + float(np.hypot(max(hi - point, 0.0), method)),
-    ]
-
-
 def _what_would_settle(fit: TransferFit, used: pd.DataFrame) -> str:
     """The cheapest changes that would narrow this family's slope interval."""
     wants = []
@@ -214,9 +206,9 @@ def _fill(
         if len(draws) >= max(10, optima.n_bootstrap // 2):
             slopes = (draws - draws.mean(axis=1, keepdims=True)) @ xc / sxx
             intercepts = draws.mean(axis=1) - slopes * x.mean()
-            fit.slope_ci = _widen(slope, *np.quantile(slopes, [0.025, 0.975]), slope_method)
+            fit.slope_ci = widen(slope, *np.quantile(slopes, [0.025, 0.975]), slope_method)
             dq = np.quantile(draws[:, -1] - draws[:, 0], [0.025, 0.975])
-            fit.drift_ci = _widen(fit.drift, *dq, drift_method)
+            fit.drift_ci = widen(fit.drift, *dq, drift_method)
             fit.noise = "seeds"
     elif len(used) >= 3:
         # No measured seed noise: the scatter of the optima about the line is the only
@@ -224,7 +216,7 @@ def _fill(
         resid = y - (fit.intercept + slope * x)
         se = float(np.sqrt(resid @ resid / (len(y) - 2) / sxx))
         half = t_quantile_975(len(y) - 2) * se
-        fit.slope_ci = _widen(slope, slope - half, slope + half, slope_method)
+        fit.slope_ci = widen(slope, slope - half, slope + half, slope_method)
         fit.noise = "scatter"
     v = judge(slope, fit.slope_ci, tolerance, settle=_what_would_settle(fit, used))
     fit.verdict, fit.verdict_why = v.verdict, v.why

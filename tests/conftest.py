@@ -27,8 +27,9 @@ def _free_port() -> int:
 def ray_address(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real Ray cluster on loopback (`ray start --head --block`), ended after the session.
 
-    `ray stop` would end every Ray instance on the machine, a user's sweep included: the cluster
-    runs in the foreground of its own process group instead, and only that group is ended.
+    Ray's own stop command would end every Ray instance on the machine, a user's sweep included:
+    the cluster runs in the foreground of its own process group instead, and only that group is
+    ended.
     """
     port = _free_port()
     # token authentication on, as a user's cluster should have it
