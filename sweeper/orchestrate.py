@@ -8,8 +8,6 @@ results through the same `execute_trial`, so the store never depends on the exec
 from __future__ import annotations
 
 import itertools
-import logging
-import os
 import shutil
 import tempfile
 import traceback
@@ -162,60 +160,6 @@ def _trainable(config: dict[str, Any]) -> None:
     tune.report({"step": -1, "sweeper_status": status})
 
 
-def _send_token_if_there_is_one() -> None:
-    """Let a client attaching to a cluster present the auth token when one exists.
-
-    `ray start --head` turns token authentication on when a token already exists, but
-    `ray.init(address=...)` only sends it with RAY_AUTH_MODE=token (Ray 2.59-2.60; see
-    ray-project/ray#64755). A cluster without authentication ignores the token.
-    """
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(os.path.expanduser(token_path)):
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def _ray_init(address: str | None, num_cpus: int | None, dashboard: bool, dashboard_host: str):
-    # Ray reads some of these when it is imported: set them first.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("TUNE_DISABLE_DATED_SUBDIR", "1")
-    # Tune's own console output would interleave with the sweep's progress; errors still
-    # reach the user through the progress lines and the store.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        if num_cpus is not None or dashboard:
-            raise SweepError(
-                "--num-cpus and --dashboard size and start a local Ray instance; "
-                "they cannot apply to an existing cluster (--address / RAY_ADDRESS)"
-            )
-        _send_token_if_there_is_one()
-
-    import ray
-
-    for name in ("ray.tune", "ray.train", "ray.air"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        if address:
-            return ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        # "local": always a new instance, never one that `ray start` left running.
-        return ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
-            dashboard_host=dashboard_host,
-            logging_level="ERROR",
-            log_to_driver=False,
-        )
-    except ConnectionError as err:
-        raise SweepError(
-            f"cannot reach a Ray cluster at {address!r} ({err}). Start one with "
-            "`ray start --head` or leave out --address / RAY_ADDRESS to run locally."
-        ) from None
-
-
 def check_resources(per_trial: dict[str, float], nodes: list[dict[str, float]]) -> None:
     """Refuse a request no node can meet: Ray would keep such trials pending forever."""
     total_gpu = sum(n.get("GPU", 0) for n in nodes)
@@ -242,66 +186,76 @@ def run_ray(
     dashboard_host: str = "127.0.0.1",
     on_ready: Callable[[str | None], None] | None = None,
 ) -> None:
-    ctx = _ray_init(address, num_cpus, dashboard, dashboard_host)
+    from sweeper.cluster import ClusterError, ray_session
+
+    try:
+        with ray_session(
+            address, num_cpus=num_cpus, dashboard=dashboard, dashboard_host=dashboard_host
+        ) as ctx:
+            _run_on_ray(p, progress, ctx, on_ready)
+    except ClusterError as err:
+        raise SweepError(str(err)) from None
+
+
+def _run_on_ray(
+    p: Plan, progress: SweepProgress, ctx: Any, on_ready: Callable[[str | None], None] | None
+) -> None:
     import ray
     from ray import tune
 
+    res = p.spec.resources
+    per_trial = {"cpu": res.cpu, "gpu": res.gpu}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_resources(per_trial, nodes)
+    if on_ready:
+        url = getattr(ctx, "dashboard_url", None)
+        on_ready(f"http://{url}" if url else None)
+
+    by_id = {t.trial_id: t for t in p.todo}
+    trainable = tune.with_resources(_trainable, per_trial)
+    space = {
+        "trial": tune.grid_search([t.model_dump_json() for t in p.todo]),
+        "results": p.store.root,
+        "threads": max(1, int(res.cpu)),
+    }
+    # Tune's experiment files (state, per-trial folders) are scratch: the store is the
+    # record of what ran, so they live in a temporary folder removed afterwards.
+    storage = tempfile.mkdtemp(prefix="sweeper-tune-")
+
+    def trial_id(trial: Any) -> str:
+        return TrialSpec.model_validate_json(trial.config["trial"]).trial_id
+
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=p.spec.execution.max_concurrent,
+            # One worker process serves trial after trial: no torch import per trial.
+            reuse_actors=True,
+            trial_name_creator=trial_id,
+            trial_dirname_creator=trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=p.spec.name,
+            storage_path=storage,
+            failure_config=tune.FailureConfig(max_failures=p.spec.execution.retries),
+            callbacks=[progress.tune_callback(by_id, trial_id)],
+            verbose=0,
+            progress_reporter=None,
+        ),
+    )
     try:
-        res = p.spec.resources
-        per_trial = {"cpu": res.cpu, "gpu": res.gpu}
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        check_resources(per_trial, nodes)
-        if on_ready:
-            url = getattr(ctx, "dashboard_url", None)
-            on_ready(f"http://{url}" if url else None)
-
-        by_id = {t.trial_id: t for t in p.todo}
-        trainable = tune.with_resources(_trainable, per_trial)
-        space = {
-            "trial": tune.grid_search([t.model_dump_json() for t in p.todo]),
-            "results": p.store.root,
-            "threads": max(1, int(res.cpu)),
-        }
-        # Tune's experiment files (state, per-trial folders) are scratch: the store is the
-        # record of what ran, so they live in a temporary folder removed afterwards.
-        storage = tempfile.mkdtemp(prefix="sweeper-tune-")
-
-        def trial_id(trial: Any) -> str:
-            return TrialSpec.model_validate_json(trial.config["trial"]).trial_id
-
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=p.spec.execution.max_concurrent,
-                # One worker process serves trial after trial: no torch import per trial.
-                reuse_actors=True,
-                trial_name_creator=trial_id,
-                trial_dirname_creator=trial_id,
-            ),
-            run_config=tune.RunConfig(
-                name=p.spec.name,
-                storage_path=storage,
-                failure_config=tune.FailureConfig(max_failures=p.spec.execution.retries),
-                callbacks=[progress.tune_callback(by_id, trial_id)],
-                verbose=0,
-                progress_reporter=None,
-            ),
-        )
-        try:
-            results = tuner.fit()
-        finally:
-            shutil.rmtree(storage, ignore_errors=True)
-        # A trial that still raised after its retries is stored as failed; the others were
-        # stored by the trial itself.
-        finished = p.store.finished_ids()
-        for result in results:
-            if result.error is not None:
-                tid = TrialSpec.model_validate_json(result.config["trial"]).trial_id
-                if tid not in finished:
-                    p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
+        results = tuner.fit()
     finally:
-        ray.shutdown()
+        shutil.rmtree(storage, ignore_errors=True)
+    # A trial that still raised after its retries is stored as failed; the others were
+    # stored by the trial itself.
+    finished = p.store.finished_ids()
+    for result in results:
+        if result.error is not None:
+            tid = TrialSpec.model_validate_json(result.config["trial"]).trial_id
+            if tid not in finished:
+                p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
 
 
 def run_sweep(p: Plan, progress: SweepProgress, executor: Executor = "ray", **ray_options) -> None:
