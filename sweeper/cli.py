@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -31,6 +32,16 @@ console = Console(highlight=False, soft_wrap=True, width=_WIDTH)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 
 EXIT_BAD_INPUT = 2
+
+
+@app.callback()
+def _warnings_as_one_line() -> None:
+    """Warnings (a damaged file skipped, ...) as one line each, without Python's source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        err_console.print(f"[yellow]warning:[/] {message}")
+
+    warnings.showwarning = show
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -152,6 +163,7 @@ def run(
     if executor not in ("ray", "local"):
         _fail(f"--executor must be ray or local, got {executor!r}")
     spec = _load(grid)
+    grid_text = grid.read_text()
     try:
         p = plan(spec, results, allow_missing_data=dry_run)
     except SweepError as err:
@@ -164,9 +176,10 @@ def run(
         )
         if p.data_error:
             err_console.print(f"[yellow]warning:[/] data: {p.data_error} (needed to run)")
+        if p.running:
+            err_console.print(f"[yellow]note:[/] a sweep is running on this store: {p.running}")
         return
 
-    p.store.prepare(grid.read_text())
     console.print(
         f"[bold]{spec.name}[/]: {len(p.trials)} trials, {p.done} already stored, "
         f"{len(p.todo)} to run -> {p.store.path}"
@@ -182,6 +195,7 @@ def run(
                 p,
                 progress,
                 executor,  # type: ignore[arg-type]
+                grid_text,
                 **(
                     {}
                     if executor == "local"

@@ -7,18 +7,21 @@ results through the same `execute_trial`, so the store never depends on the exec
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import shutil
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 from sweeper.progress import SweepProgress
 from sweeper.spec import SweepSpec, TrialSpec, expand
-from sweeper.store import Store, TrialResult
+from sweeper.store import Store, StoreError, StoreLocked, TrialResult
 
 Executor = Literal["ray", "local"]
 
@@ -34,6 +37,7 @@ class Plan:
     trials: list[TrialSpec]  # the whole grid
     todo: list[TrialSpec]  # not finished in the store yet
     data_error: str | None = None  # set only when planned with allow_missing_data
+    running: str | None = None  # the controller running this sweep now, in words
 
     @property
     def done(self) -> int:
@@ -74,6 +78,11 @@ def plan(spec: SweepSpec, results: str | None = None, *, allow_missing_data: boo
     from sweeper.data import DataError, fingerprint
 
     check_optimizer_settings(spec)
+    store = Store(results or spec.results, spec.name)
+    try:
+        store.check_usable()
+    except StoreError as err:
+        raise SweepError(f"results: {err}") from None
     data_error = None
     try:
         data_fp = fingerprint(spec.data)
@@ -81,11 +90,11 @@ def plan(spec: SweepSpec, results: str | None = None, *, allow_missing_data: boo
         if not allow_missing_data:
             raise SweepError(f"data: {err}") from None
         data_fp, data_error = "missing", str(err)
-    store = Store(results or spec.results, spec.name)
     trials = expand(spec, data_fp)
+    running = store.holder()
     finished = store.finished_ids()
     todo = [t for t in trials if t.trial_id not in finished]
-    return Plan(spec, store, trials, todo, data_error)
+    return Plan(spec, store, trials, todo, data_error, running)
 
 
 # --------------------------------------------------------------------------- one trial
@@ -110,6 +119,30 @@ def execute_trial(
     return result.status
 
 
+def _stopped(err: StoreError, store: Store) -> SweepError:
+    return SweepError(
+        f"{err}. The sweep stopped at the first write that failed: the "
+        f"{len(store.trial_ids())} trials stored are intact. Make room (or fix the folder) and "
+        "run the same command again to finish it."
+    )
+
+
+@contextlib.contextmanager
+def _claimed(p: Plan, grid_text: str | None) -> Iterator[None]:
+    """Be the store's one controller while the block runs; drop from the plan what another
+    run stored since it was made, and prepare the store."""
+    try:
+        with p.store.lock():
+            finished = p.store.finished_ids()
+            p.todo = [t for t in p.todo if t.trial_id not in finished]
+            p.store.prepare(grid_text)
+            yield
+    except StoreLocked as err:
+        raise SweepError(str(err)) from None
+    except StoreError as err:
+        raise _stopped(err, p.store) from None
+
+
 def _error_text(err: BaseException) -> str:
     """The trial's own exception in one line (Ray wraps it in a RayTaskError)."""
     cause = getattr(err, "cause", None) or err
@@ -131,8 +164,8 @@ def run_local(p: Plan, progress: SweepProgress) -> None:
             try:
                 status = execute_trial(trial, p.store)
                 break
-            except KeyboardInterrupt:
-                raise
+            except (KeyboardInterrupt, StoreError):
+                raise  # retrying cannot help a full or read-only disk
             except Exception as err:  # a broken trial must not stop the sweep
                 if attempt == p.spec.execution.retries:
                     p.store.write_trial(trial, failed_result(_error_text(err), started))
@@ -156,8 +189,33 @@ def _trainable(config: dict[str, Any]) -> None:
         # Tune wants numbers; a missing validation loss is NaN, not None.
         tune.report({k: (float("nan") if v is None else v) for k, v in row.items()})
 
-    status = execute_trial(spec, store, report)
+    try:
+        status = execute_trial(spec, store, report)
+    except StoreError as err:
+        # Retrying cannot help a full or read-only disk: the controller stops the sweep.
+        tune.report({"step": -1, "sweeper_status": "not stored", "sweeper_error": str(err)})
+        return
     tune.report({"step": -1, "sweeper_status": status})
+
+
+def _tune_scratch() -> str:
+    """A new folder for Tune's experiment files, which are scratch (the store is the record);
+    the folders of controllers that were killed before removing theirs go first."""
+    for old in Path(tempfile.gettempdir()).glob("sweeper-tune-*-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and old.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"sweeper-tune-{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_resources(per_trial: dict[str, float], nodes: list[dict[str, float]]) -> None:
@@ -179,6 +237,7 @@ def check_resources(per_trial: dict[str, float], nodes: list[dict[str, float]]) 
 def run_ray(
     p: Plan,
     progress: SweepProgress,
+    grid_text: str | None = None,
     *,
     address: str | None = None,
     num_cpus: int | None = None,
@@ -192,41 +251,50 @@ def run_ray(
         with ray_session(
             address, num_cpus=num_cpus, dashboard=dashboard, dashboard_host=dashboard_host
         ) as ctx:
-            _run_on_ray(p, progress, ctx, on_ready)
+            import ray
+
+            per_trial = {"cpu": p.spec.resources.cpu, "gpu": p.spec.resources.gpu}
+            check_resources(per_trial, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+            with _claimed(p, grid_text):
+                if on_ready:
+                    url = getattr(ctx, "dashboard_url", None)
+                    on_ready(f"http://{url}" if url else None)
+                if p.todo:
+                    _tune(p, progress, per_trial)
     except ClusterError as err:
         raise SweepError(str(err)) from None
 
 
-def _run_on_ray(
-    p: Plan, progress: SweepProgress, ctx: Any, on_ready: Callable[[str | None], None] | None
-) -> None:
-    import ray
+def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None:
+    """Run the plan's trials as one Tune experiment, then store those that raised as failed."""
     from ray import tune
 
-    res = p.spec.resources
-    per_trial = {"cpu": res.cpu, "gpu": res.gpu}
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_resources(per_trial, nodes)
-    if on_ready:
-        url = getattr(ctx, "dashboard_url", None)
-        on_ready(f"http://{url}" if url else None)
-
     by_id = {t.trial_id: t for t in p.todo}
-    trainable = tune.with_resources(_trainable, per_trial)
     space = {
         "trial": tune.grid_search([t.model_dump_json() for t in p.todo]),
         "results": p.store.root,
-        "threads": max(1, int(res.cpu)),
+        "threads": max(1, int(per_trial["cpu"])),
     }
-    # Tune's experiment files (state, per-trial folders) are scratch: the store is the
-    # record of what ran, so they live in a temporary folder removed afterwards.
-    storage = tempfile.mkdtemp(prefix="sweeper-tune-")
 
     def trial_id(trial: Any) -> str:
         return TrialSpec.model_validate_json(trial.config["trial"]).trial_id
 
+    class StopOnStoreError(tune.Stopper):
+        """The whole experiment stops at the first trial that could not store its rows."""
+
+        first: str | None = None
+
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            self.first = self.first or result.get("sweeper_error")
+            return False
+
+        def stop_all(self) -> bool:
+            return self.first is not None
+
+    store_errors = StopOnStoreError()
+    storage = _tune_scratch()
     tuner = tune.Tuner(
-        trainable,
+        tune.with_resources(_trainable, per_trial),
         param_space=space,
         tune_config=tune.TuneConfig(
             max_concurrent_trials=p.spec.execution.max_concurrent,
@@ -238,6 +306,7 @@ def _run_on_ray(
         run_config=tune.RunConfig(
             name=p.spec.name,
             storage_path=storage,
+            stop=store_errors,
             failure_config=tune.FailureConfig(max_failures=p.spec.execution.retries),
             callbacks=[progress.tune_callback(by_id, trial_id)],
             verbose=0,
@@ -248,6 +317,8 @@ def _run_on_ray(
         results = tuner.fit()
     finally:
         shutil.rmtree(storage, ignore_errors=True)
+    if store_errors.first:
+        raise StoreError(store_errors.first)
     # A trial that still raised after its retries is stored as failed; the others were
     # stored by the trial itself.
     finished = p.store.finished_ids()
@@ -258,20 +329,33 @@ def _run_on_ray(
                 p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
 
 
-def run_sweep(p: Plan, progress: SweepProgress, executor: Executor = "ray", **ray_options) -> None:
-    """Run what the plan has left to do, then stop."""
+def run_sweep(
+    p: Plan,
+    progress: SweepProgress,
+    executor: Executor = "ray",
+    grid_text: str | None = None,
+    **ray_options: Any,
+) -> None:
+    """Check that the plan can run, become the store's one controller, run what is left, stop.
+
+    Nothing is written before the checks pass (resources, the lock); `grid_text` is kept in
+    the store as the grid of this run.
+    """
     if not p.todo:
         return
-    if executor == "local":
-        if p.spec.resources.gpu > 0:
-            import torch
+    if p.running:  # refused before Ray starts; `_claimed` is the real check
+        raise SweepError(str(StoreLocked(p.store.path, p.running)))
+    if executor == "ray":
+        run_ray(p, progress, grid_text, **ray_options)
+        return
+    if p.spec.resources.gpu > 0:
+        import torch
 
-            if not torch.cuda.is_available():
-                raise SweepError(
-                    f"resources.gpu is {p.spec.resources.gpu:g} but this machine has no CUDA GPU"
-                )
-        if ray_options.get("address") or ray_options.get("dashboard"):
-            raise SweepError("--address and --dashboard apply to the Ray executor only")
+        if not torch.cuda.is_available():
+            raise SweepError(
+                f"resources.gpu is {p.spec.resources.gpu:g} but this machine has no CUDA GPU"
+            )
+    if ray_options.get("address") or ray_options.get("dashboard"):
+        raise SweepError("--address and --dashboard apply to the Ray executor only")
+    with _claimed(p, grid_text):
         run_local(p, progress)
-    else:
-        run_ray(p, progress, **ray_options)

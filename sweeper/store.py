@@ -7,19 +7,29 @@ Layout of one sweep, under `<results>/<name>/`:
     steps/<trial_id>.parquet     one row per trial and log step (STEPS below)
     coord/<trial_id>.parquet     coord-check rows, only for trials that asked for them (COORD)
 
-Every file is written under a temporary name beginning with "." and renamed into place, steps
-and coord before trials: a trial exists when, and only when, its `trials/` file does, and then
-all of its rows do. Readers (pandas, pyarrow, DuckDB) skip names beginning with "." or "_".
+Every file is written under a temporary name in `.incoming/` and renamed into place, steps and
+coord before trials: a trial exists when, and only when, its `trials/` file does, and then all
+of its rows do. A glob such as `trials/*.parquet` (pandas, pyarrow, DuckDB) sees whole files
+only. One controller at a time runs a sweep: it holds the lock `.lock` (see `Store.lock`).
+
+A file that cannot be read (cut short, overwritten) is skipped with a warning naming it
+(`DamagedFileWarning`); its trial counts as not stored, so the next run trains it again.
 
 This module needs pyarrow only (no torch, no Ray), so `analysis` can use it on a laptop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
 import socket
+import sys
 import uuid
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -136,6 +146,30 @@ COLUMN_DOCS = {"trials": TRIALS_COLUMNS, "steps": STEPS_COLUMNS, "coord": COORD_
 
 STATUSES = ("completed", "diverged", "failed")
 
+# The only names the store writes in its table folders: a trial's file and a temporary file.
+_TRIAL_FILE = re.compile(r"[0-9a-f]{16}\.parquet")
+_TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{32}\.parquet")
+_INCOMING = ".incoming"
+_LOCK = ".lock"
+
+
+class StoreError(OSError):
+    """The store cannot be written (full disk, read-only, not a folder); the message says where."""
+
+
+class StoreLocked(RuntimeError):
+    """Another controller is running a sweep on this store; the message names it."""
+
+    def __init__(self, store_path: str, holder: str):
+        super().__init__(
+            f"another `sweep run` is running this sweep ({holder}); wait for it to finish or "
+            f"stop it, then run again. Lock: {store_path}/{_LOCK}"
+        )
+
+
+class DamagedFileWarning(UserWarning):
+    """Stored files that cannot be read were skipped."""
+
 
 @dataclass
 class TrialResult:
@@ -202,33 +236,118 @@ class Store:
         return f"{self.path}/{table}"
 
     def _write_atomic(self, table: str, file_name: str, tbl: pa.Table) -> None:
-        directory = self._dir(table)
-        self.fs.create_dir(directory, recursive=True)
-        tmp = f"{directory}/.tmp-{uuid.uuid4().hex}.parquet"
-        pq.write_table(tbl, tmp, filesystem=self.fs)
-        self.fs.move(tmp, f"{directory}/{file_name}")
+        directory, incoming = self._dir(table), f"{self.path}/{_INCOMING}"
+        tmp = f"{incoming}/.tmp-{uuid.uuid4().hex}.parquet"
+        try:
+            self.fs.create_dir(directory, recursive=True)
+            self.fs.create_dir(incoming, recursive=True)
+            pq.write_table(tbl, tmp, filesystem=self.fs)
+            self.fs.move(tmp, f"{directory}/{file_name}")
+        except OSError as err:  # pyarrow's errors are OSErrors too
+            with contextlib.suppress(OSError):  # a torn temporary file only takes space
+                self.fs.delete_file(tmp)
+            raise StoreError(f"cannot write to the store {self.path}: {_reason(err)}") from err
 
     # ----------------------------------------------------------------------- writing
+
+    def check_usable(self) -> None:
+        """Raise StoreError, writing nothing, when the store's folder cannot be made or written:
+        a file where a folder should be, or a folder this user cannot write."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            return  # object stores answer only when written to
+        path = Path(self.path)
+        nearest = next(p for p in [path, *path.parents] if p.exists())
+        for folder in [nearest, *(path / t for t in (*TABLES, _INCOMING) if (path / t).exists())]:
+            if not folder.is_dir():
+                raise StoreError(f"cannot use {self.path} as a store: {folder} is not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise StoreError(f"cannot write to {folder}: it is read-only for this user")
 
     def prepare(self, grid_text: str | None = None) -> None:
         """Create the folder, drop what an interrupted run left half-written, keep the grid file.
 
-        Call from the one controller of a sweep before it starts trials.
+        Call while holding `lock()`, before starting trials. Only names the store itself writes
+        are removed (temporary files, and rows of trials whose `trials/` file never came), so a
+        file someone else put here is never touched.
         """
         self.fs.create_dir(self.path, recursive=True)
-        finished = {f"{i}.parquet" for i in self.trial_ids()}
+        stored = {f"{i}.parquet" for i in self.trial_ids()}
         for table in TABLES:
             for info in self._files(table, include_hidden=True):
-                if info.base_name.startswith(".tmp-") or (
-                    table != "trials" and info.base_name not in finished
+                name = info.base_name
+                if _TEMP_FILE.fullmatch(name) or (
+                    table != "trials" and _TRIAL_FILE.fullmatch(name) and name not in stored
                 ):
                     self.fs.delete_file(info.path)
+        incoming = pafs.FileSelector(f"{self.path}/{_INCOMING}", allow_not_found=True)
+        for info in self.fs.get_file_info(incoming):
+            if _TEMP_FILE.fullmatch(info.base_name):
+                self.fs.delete_file(info.path)
         if grid_text is not None:
             digest = hashlib.sha256(grid_text.encode()).hexdigest()[:12]
             self.fs.create_dir(f"{self.path}/grid-history", recursive=True)
             for target in (f"{self.path}/grid.yaml", f"{self.path}/grid-history/{digest}.yaml"):
                 with self.fs.open_output_stream(target) as out:
                     out.write(grid_text.encode())
+
+    def holder(self) -> str | None:
+        """Who holds `lock()` now, in words, or None. Writes nothing."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            return None
+        import fcntl
+
+        try:
+            fd = os.open(f"{self.path}/{_LOCK}", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except BlockingIOError:
+            return _describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+        finally:
+            os.close(fd)  # closing releases a lock taken here
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Be the one controller of this sweep while the block runs.
+
+        Raises StoreLocked naming the controller that holds it. The lock is an advisory
+        `flock` on `<store>/.lock`, so the kernel releases it when its holder dies, even by
+        SIGKILL: a killed controller's lock is simply taken over. The file itself stays (empty
+        between runs) and says who holds it. Stores on object storage have no lock.
+        """
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            yield
+            return
+        import fcntl
+
+        path = f"{self.path}/{_LOCK}"
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StoreError(f"cannot write to the store {self.path}: {_reason(err)}") from err
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+                raise StoreLocked(self.path, holder) from None
+            me = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": _now().isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv),
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # before the unlock: an empty file means "nobody"
+        finally:
+            os.close(fd)
 
     def write_trial(self, spec: Any, result: TrialResult) -> None:
         """Store one trial atomically; a trial stored before under the same id is replaced."""
@@ -253,11 +372,37 @@ class Store:
         ]
 
     def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
-        """A whole table (empty, with the right columns, when nothing is stored yet)."""
+        """A whole table (empty, with the right columns, when nothing is stored yet).
+
+        Files that cannot be read are left out with one DamagedFileWarning naming them.
+        """
+        tbl, damaged = self._read(table, columns)
+        if damaged:
+            warnings.warn(_damaged_message(damaged), DamagedFileWarning, stacklevel=2)
+        return tbl
+
+    def _read(self, table: str, columns: list[str] | None) -> tuple[pa.Table, list[str]]:
         schema = TABLES[table]
         files = [f.path for f in self._files(table)]
         if not files:
-            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+            empty = schema.empty_table()
+            return (empty if columns is None else empty.select(columns)), []
+        try:  # the usual case, all files whole: one dataset scan
+            return self._scan(files, schema, columns), []
+        except (OSError, pa.ArrowException):
+            pass
+        good, damaged = [], []
+        for path in files:
+            try:
+                good.append(self._scan([path], schema, columns))
+            except (OSError, pa.ArrowException):
+                damaged.append(f"{table}/{path.rsplit('/', 1)[-1]}")
+        if not good:
+            empty = schema.empty_table()
+            return (empty if columns is None else empty.select(columns)), damaged
+        return pa.concat_tables(good), damaged
+
+    def _scan(self, files: list[str], schema: pa.Schema, columns: list[str] | None) -> pa.Table:
         dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=self.fs)
         return dataset.to_table(columns=columns)
 
@@ -265,12 +410,55 @@ class Store:
         return {f.base_name.removesuffix(".parquet") for f in self._files("trials")}
 
     def finished_ids(self) -> set[str]:
-        """Trials that need not run again: completed or diverged (failed ones are retried)."""
-        tbl = self.read("trials", ["trial_id", "status"])
-        return {
+        """Trials that need not run again: completed or diverged (failed ones are retried).
+
+        A trial whose trials or steps file is damaged is not finished: it runs again and its
+        files are replaced.
+        """
+        tbl, damaged = self._read("trials", ["trial_id", "status"])
+        finished = {
             tid
             for tid, status in zip(
                 tbl["trial_id"].to_pylist(), tbl["status"].to_pylist(), strict=True
             )
             if status != "failed"
         }
+        steps = {f.base_name: f.path for f in self._files("steps")}
+        for tid in sorted(finished):
+            path = steps.get(f"{tid}.parquet")
+            try:
+                if path is None:
+                    raise OSError("missing")
+                pq.read_metadata(path, filesystem=self.fs)
+            except (OSError, pa.ArrowException):
+                damaged.append(f"steps/{tid}.parquet")
+                finished.discard(tid)
+        if damaged:
+            warnings.warn(
+                _damaged_message(damaged) + "; their trials will run again",
+                DamagedFileWarning,
+                stacklevel=2,
+            )
+        return finished
+
+
+def _reason(err: OSError) -> str:
+    """`No space left on device` rather than pyarrow's whole sentence about the temp file."""
+    text = str(err)
+    for known in ("No space left on device", "Read-only file system", "Permission denied"):
+        if known in text:
+            return known
+    return err.strerror or text
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']} since {h['since']}: {h['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "its details are unknown"
+
+
+def _damaged_message(names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{len(names)} damaged file{'s' if len(names) > 1 else ''} skipped: {shown}"

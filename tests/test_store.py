@@ -57,7 +57,7 @@ def test_prepare_drops_what_a_crash_left_half_written(tmp_path):
     # a crash between the steps file and the trials file of b, and a torn temporary file
     store.write_trial(b, result())
     (tmp_path / "s" / "trials" / f"{b.trial_id}.parquet").unlink()
-    (tmp_path / "s" / "steps" / ".tmp-123.parquet").write_bytes(b"PAR1 torn")
+    (tmp_path / "s" / "steps" / f".tmp-{'f' * 32}.parquet").write_bytes(b"PAR1 torn")
     assert len(pd.read_parquet(tmp_path / "s" / "steps")) == 6  # readers skip the dot-file
     store.prepare("name: s\n")
     assert sorted(p.name for p in (tmp_path / "s" / "steps").iterdir()) == [f"{a.trial_id}.parquet"]
