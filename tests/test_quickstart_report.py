@@ -1,7 +1,8 @@
 """The committed quickstart report is what the current code produces from its store.
 
-The store behind results/quickstart/report (108 trials) is kept in tests/data/quickstart, so
-that running the quickstart command trains afresh instead of finding it done.
+The reference run's report is in results/reference/quickstart/report and its store (108 trials)
+in tests/data/quickstart, both out of the quickstart command's way: the README's commands in
+their written order (install, quickstart, tests) must all pass.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 from analysis import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORT = ROOT / "results" / "quickstart" / "report"
+REPORT = ROOT / "results" / "reference" / "quickstart" / "report"
 STORE = ROOT / "tests" / "data" / "quickstart"
 
 
@@ -54,3 +55,22 @@ def test_committed_store_is_the_current_quickstart_grid():
     p = plan(spec, str(STORE.parent))
     assert {t.trial_id for t in p.trials} == set(trials.trial_id)
     assert not p.todo
+
+
+def test_the_quickstart_command_writes_nothing_a_test_reads():
+    """Running the quickstart before the tests (the README's order) cannot change their inputs."""
+    import subprocess
+
+    from sweeper.spec import load_spec
+
+    spec = load_spec(ROOT / "experiments" / "quickstart.yaml")
+    writes = Path(spec.results).resolve() / spec.name  # the store, and its report/ inside
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    inside = [f for f in tracked if (ROOT / f).resolve().is_relative_to(writes)]
+    assert inside == [], f"the quickstart would overwrite committed files: {inside[:3]}"
+    for committed in (REPORT, STORE):
+        assert not committed.resolve().is_relative_to(writes)
