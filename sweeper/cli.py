@@ -308,6 +308,9 @@ def report(
         )
     except AnalysisError as err:
         _fail(str(err))
+    except OSError as err:  # the output folder: a file in the way, read-only, a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"cannot write the report: {where}{err.strerror or err}")
     console.print(f"report: {path}")
 
 

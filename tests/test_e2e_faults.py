@@ -197,3 +197,10 @@ def test_a_full_disk_stops_the_sweep_at_once_and_loses_nothing(tmp_path, sweep_c
         status = sweep_cli("status", str(disk / "tiny"))
         assert f"{len(kept)} stored" in status.stdout and "damaged" not in status.stderr
         assert not list((disk / "tiny" / ".incoming").glob("*"))
+
+
+def test_a_report_that_cannot_be_written_is_one_message(tmp_path, sweep_cli, a_stored_sweep):
+    (tmp_path / "afile").write_text("in the way")
+    out = sweep_cli("report", str(a_stored_sweep / "tiny"), "-o", str(tmp_path / "afile" / "rep"))
+    assert_refused(out, "cannot write the report")
+    assert "Not a directory" in out.stderr
