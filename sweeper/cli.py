@@ -16,6 +16,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sweeper.spec import SpecError, SweepSpec, TrialSpec, load_spec
@@ -39,13 +40,13 @@ def _warnings_as_one_line() -> None:
     """Warnings (a damaged file skipped, ...) as one line each, without Python's source line."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        err_console.print(f"[yellow]warning:[/] {message}")
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
     warnings.showwarning = show
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -175,9 +176,10 @@ def run(
             f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run -> {p.store.path}"
         )
         if p.data_error:
-            err_console.print(f"[yellow]warning:[/] data: {p.data_error} (needed to run)")
+            err_console.print(f"[yellow]warning:[/] data: {escape(p.data_error)} (needed to run)")
         if p.running:
-            err_console.print(f"[yellow]note:[/] a sweep is running on this store: {p.running}")
+            running = escape(p.running)
+            err_console.print(f"[yellow]note:[/] a sweep is running on this store: {running}")
         return
 
     console.print(

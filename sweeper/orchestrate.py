@@ -75,7 +75,7 @@ def plan(spec: SweepSpec, results: str | None = None, *, allow_missing_data: boo
     With allow_missing_data (a dry run), data that is not there yet is reported in
     `data_error` instead of refused; the trial ids are then provisional.
     """
-    from sweeper.data import DataError, fingerprint
+    from sweeper.data import DataError, check_length, fingerprint
 
     check_optimizer_settings(spec)
     store = Store(results or spec.results, spec.name)
@@ -86,6 +86,7 @@ def plan(spec: SweepSpec, results: str | None = None, *, allow_missing_data: boo
     data_error = None
     try:
         data_fp = fingerprint(spec.data)
+        check_length(spec.data, spec.model.seq_len)
     except (DataError, OSError) as err:
         if not allow_missing_data:
             raise SweepError(f"data: {err}") from None

@@ -3,6 +3,11 @@
 A grid file names a study; `expand()` turns it into the cartesian product of its axes, one
 `TrialSpec` per trial. A TrialSpec is flat and self-contained: the trainer needs nothing else,
 and its `trial_id` is a stable hash of every field that changes the result.
+
+Every value a grid file may hold has a range (the constants below, listed in README's "The grid
+file"), checked when the file is loaded: a typo, an overflow or a runaway grid is one
+`SpecError` naming the field, never a traceback or a trial that fails hours later. The limits
+are generous: they refuse mistakes, not studies anyone runs on a proxy model.
 """
 
 from __future__ import annotations
@@ -12,15 +17,17 @@ import itertools
 import json
 import math
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -42,6 +49,50 @@ OPTIMIZERS = (
 )
 
 Scalar = bool | int | float | str
+# Per-role multipliers of an optimizer's lr; every optimizer takes them.
+_ROLE_LRS = ("lr_input", "lr_hidden", "lr_output", "lr_vector")
+
+# --------------------------------------------------------------------------- limits
+
+# A grid file's size, checked with stat() before it is read. Grid files are a few KB (the
+# largest under experiments/ is 3.2 KB); one that needs more holds a generated list that belongs
+# in a log2 range. The cap bounds the time and memory of parsing whatever the file holds: a
+# 64 KiB file of nothing but a list parses in under 0.1 s (1 MiB would take 2 s and 300 MB).
+MAX_GRID_BYTES = 64 << 10
+# Values in a grid file, an alias counted at each use: bounds the work of validating a file
+# whose aliases repeat one long list many times. A grid under the trial cap holds far fewer.
+MAX_VALUES = 100_000
+# Trials per grid file, counted from the axes before any trial is built: the whole grid is held
+# in memory (and printed by --dry-run), and 100k proxy trials are weeks of compute already.
+MAX_TRIALS = 100_000
+MAX_LOG2_POINTS = 1000  # steps in one {log2: [lo, hi, step]} range
+MAX_LISTED_ERRORS = 10  # errors listed in one message; the rest are counted
+
+# Learning rates lie in 2^-40 .. 2^20 (9.1e-13 .. 1.0e6), per-role multipliers (lr_input, ...,
+# lr_vector) in 2^-20 .. 2^20. Tens of octaves around every lr in use (experiments/ spans
+# 2^-14 .. 2^1): a value outside is a typo, and far enough out a float rounds to 0 or inf.
+LOG2_LR_RANGE = (-40, 20)
+LOG2_MULTIPLIER_RANGE = (-20, 20)
+# A seed goes to torch.manual_seed, to numpy's PCG64 (data/batches.py) and to an int64 column
+# of the store: 0 <= seed < 2^32 suits all three, and every other seeding API.
+MAX_SEED = 2**32 - 1
+# Shapes: far beyond any proxy model, and well inside int64 when multiplied together.
+MAX_WIDTH = 65_536
+MAX_DEPTH = 1_024
+MAX_SEQ_LEN = 1_048_576
+MAX_MLP_CONTEXT = 4_096
+MAX_VOCAB_SIZE = 1_048_576
+MAX_BATCH_SIZE = 1_048_576  # sequences per step
+MAX_STEPS = 1_000_000_000
+# Tokens of one trial (steps x batch_size x seq_len, an int64 column of the store): 10^15 is
+# 50 times the largest language-model runs, and 9000 times below int64's limit.
+MAX_TOKENS = 10**15
+MAX_EVAL_BATCHES = 10_000
+MAX_RETRIES = 100
+MAX_CPUS = 1_024  # per trial
+MAX_GPUS = 1_024  # per trial
+# Octaves compare with this slack: lo + i * step may overshoot hi by a rounding error.
+_OCTAVE_SLACK = 1e-9
 
 
 class SpecError(ValueError):
@@ -49,11 +100,44 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: .inf and .nan are refused wherever a float is accepted.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+T = TypeVar("T")
+# An axis of the grid: one value or a non-empty list of them, stored as a list.
+Axis = Annotated[list[T], BeforeValidator(_as_list), Field(min_length=1)]
+
+
+def _octaves(what: str, lo: int, hi: int) -> AfterValidator:
+    """A float > 0 whose log2 lies in [lo, hi]; the message names the value and the range."""
+
+    def check(v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"{what} must be positive, got {v:g}")
+        if not lo - _OCTAVE_SLACK <= math.log2(v) <= hi + _OCTAVE_SLACK:
+            raise ValueError(f"{what} {v:g} is outside {_octave_range(lo, hi)}")
+        return v
+
+    return AfterValidator(check)
+
+
+def _octave_range(lo: int, hi: int) -> str:
+    return f"2^{lo} .. 2^{hi} ({2.0**lo:.2g} .. {2.0**hi:.2g})"
+
+
+LearningRate = Annotated[float, _octaves("lr", *LOG2_LR_RANGE)]
+Multiplier = Annotated[float, _octaves("lr multiplier", *LOG2_MULTIPLIER_RANGE)]
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+Depth = Annotated[int, Field(ge=1, le=MAX_DEPTH)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
 
 
 # --------------------------------------------------------------------------- the grid file
@@ -61,14 +145,15 @@ def _as_list(value: Any) -> list:
 
 class ModelConfig(_Strict):
     kind: Literal["gpt", "mlp"] = "gpt"
-    depth: PositiveInt | list[PositiveInt] = 2
-    seq_len: PositiveInt = 128
-    head_dim: PositiveInt = 64
+    depth: Axis[Depth] = [2]
+    seq_len: Annotated[int, Field(ge=1, le=MAX_SEQ_LEN)] = 128
+    # GPT only (see SweepSpec._heads_fit): even, and it divides every width above it.
+    head_dim: Annotated[int, Field(ge=1, le=MAX_WIDTH)] = 64
     zero_init_out: bool = False
     # "auto": 1/d for adamw-mup (muP), 1/sqrt(d) for everything else.
     attn_scale: Literal["auto", "sqrt", "mup"] = "auto"
     # MLP proxy only: how many previous tokens it sees (one-hot, concatenated).
-    mlp_context: PositiveInt = 8
+    mlp_context: Annotated[int, Field(ge=1, le=MAX_MLP_CONTEXT)] = 8
 
 
 class DataConfig(_Strict):
@@ -78,7 +163,8 @@ class DataConfig(_Strict):
     text: str | None = None
     shards: str | None = None  # a glob of .bin files (nanoGPT raw uint16 or modded-nanogpt)
     val_shards: str | None = None  # a glob; default: hold out the tail of the training tokens
-    vocab_size: PositiveInt | None = None  # default 256 for bytes, 50304 for shards
+    # default 256 for bytes, 50304 for shards
+    vocab_size: Annotated[int, Field(ge=1, le=MAX_VOCAB_SIZE)] | None = None
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
 
     @model_validator(mode="after")
@@ -113,19 +199,20 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: PositiveInt | list[PositiveInt] | None = None
-    tokens: PositiveInt | list[PositiveInt] | None = None  # a budget; steps = tokens / (B * T)
+    steps: Axis[Steps] | None = None
+    tokens: Axis[Tokens] | None = None  # a budget; steps = tokens / (B * T)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup: float = Field(0.0, ge=0, lt=1)  # fraction of steps, linear from 0
     warmdown: float = Field(0.0, ge=0, le=1)  # fraction of steps at the end, linear to 0
     grad_clip: float = Field(0.0, ge=0)  # global norm; 0 = off
     # Sequences per forward/backward pass when a batch does not fit in memory: the gradient of
     # each batch is accumulated over batch_size / micro_batch passes. Default: the whole batch.
-    micro_batch: PositiveInt | None = None
-    log_every: PositiveInt = 10
-    eval_every: PositiveInt = 50
-    eval_batches: PositiveInt = 4
-    coord_check: int = Field(0, ge=0)  # record mean |activation| per layer for this many steps
+    micro_batch: BatchSize | None = None
+    log_every: Steps = 10
+    eval_every: Steps = 50
+    eval_batches: Annotated[int, Field(ge=1, le=MAX_EVAL_BATCHES)] = 4
+    # record mean |activation| per layer for this many steps
+    coord_check: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -135,6 +222,11 @@ class TrainConfig(_Strict):
         if self.warmup + self.warmdown > 1:
             raise ValueError("train.warmup + train.warmdown must not exceed 1")
         return self
+
+    @property
+    def horizons(self) -> list[int]:
+        """The steps or the tokens axis, whichever the file gives."""
+        return self.steps if self.steps is not None else (self.tokens or [])
 
 
 class Log2Range(_Strict):
@@ -148,8 +240,8 @@ class Log2Range(_Strict):
         lo, hi, step = v
         if step <= 0 or hi < lo:
             raise ValueError("log2: [lo, hi, step] needs lo <= hi and step > 0")
-        if (hi - lo) / step > 1000:
-            raise ValueError("log2 range has more than 1000 points")
+        if (hi - lo) / step > MAX_LOG2_POINTS:
+            raise ValueError(f"log2 range has more than {MAX_LOG2_POINTS} points")
         return v
 
     def values(self) -> list[float]:
@@ -158,7 +250,31 @@ class Log2Range(_Strict):
         return [2.0 ** (lo + i * step) for i in range(n)]
 
 
-PositiveFloat = Annotated[float, Field(gt=0)]
+def _lr_values(value: Any) -> Any:
+    """`lr` as a list of values: one value, a list, or a {log2: [lo, hi, step]} range."""
+    if not isinstance(value, dict | Log2Range):
+        return _as_list(value)
+    try:
+        rng = Log2Range.model_validate(value)
+    except ValidationError as err:
+        e = err.errors(include_url=False, include_input=False)[0]
+        if e["type"] == "value_error":  # Log2Range's own check: its message says it all
+            raise ValueError(e["msg"].removeprefix("Value error, ")) from None
+        where = ".".join(str(p) for p in e["loc"])
+        raise ValueError(
+            f"a range is {{log2: [lo, hi, step]}}, three numbers; {where}: {e['msg']}"
+        ) from None
+    # The ends are checked here, in octaves: 2.0 ** -2000 is already 0.0 and 2.0 ** 1100 an
+    # OverflowError, so the values themselves cannot say what was wrong.
+    lo, hi, _ = rng.log2
+    low, high = LOG2_LR_RANGE
+    if lo < low - _OCTAVE_SLACK or hi > high + _OCTAVE_SLACK:
+        bad = lo if lo < low else hi
+        raise ValueError(
+            f"log2 range [{lo:g}, {hi:g}, ...] reaches 2^{bad:g}; "
+            f"an lr must lie in {_octave_range(low, high)}"
+        )
+    return rng.values()
 
 
 class OptimizerAxis(_Strict):
@@ -169,43 +285,48 @@ class OptimizerAxis(_Strict):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    lr: PositiveFloat | list[PositiveFloat] | Log2Range
-    lr_input: PositiveFloat | list[PositiveFloat] = 1.0
-    lr_hidden: PositiveFloat | list[PositiveFloat] = 1.0
-    lr_output: PositiveFloat | list[PositiveFloat] = 1.0
-    lr_vector: PositiveFloat | list[PositiveFloat] = 1.0
+    lr: Annotated[list[LearningRate], BeforeValidator(_lr_values), Field(min_length=1)]
+    lr_input: Axis[Multiplier] = [1.0]
+    lr_hidden: Axis[Multiplier] = [1.0]
+    lr_output: Axis[Multiplier] = [1.0]
+    lr_vector: Axis[Multiplier] = [1.0]
 
     @model_validator(mode="after")
     def _scalar_settings(self) -> OptimizerAxis:
+        # Settings are not typed here (each optimizer checks its own when the sweep is
+        # planned); what is checked is what would break before that: shapes and overflow.
         for key, value in (self.model_extra or {}).items():
-            for v in _as_list(value):
+            values = _as_list(value)
+            if not values:
+                raise ValueError(f"setting {key!r} is an empty list; give at least one value")
+            for v in values:
                 if not isinstance(v, Scalar):
                     raise ValueError(f"setting {key!r} must be a number, string or bool, or a list")
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"setting {key!r} must be a finite number, got {v}")
+                if isinstance(v, int) and not -(2**63) <= v < 2**63:
+                    raise ValueError(f"setting {key!r}: {v} does not fit in 64 bits")
         return self
 
     def lrs(self) -> list[float]:
-        return self.lr.values() if isinstance(self.lr, Log2Range) else _as_list(self.lr)
+        return self.lr
 
     def settings(self) -> dict[str, list[Scalar]]:
         """Every setting other than lr as a list of values (an axis)."""
-        out = {
-            k: _as_list(getattr(self, k))
-            for k in ("lr_input", "lr_hidden", "lr_output", "lr_vector")
-        }
+        out: dict[str, list[Scalar]] = {k: getattr(self, k) for k in _ROLE_LRS}
         out.update({k: _as_list(v) for k, v in sorted((self.model_extra or {}).items())})
         return out
 
+    def n_points(self) -> int:
+        """How many (lr, settings) combinations this block adds to each cell."""
+        return len(self.lr) * math.prod(len(v) for v in self.settings().values())
+
 
 class Grid(_Strict):
-    width: list[PositiveInt] = Field(min_length=1)
-    batch_size: list[PositiveInt] = Field(default=[32], min_length=1)
-    seed: list[int] = Field(default=[0], min_length=1)
+    width: Axis[Width]
+    batch_size: Axis[BatchSize] = [32]
+    seed: Axis[Seed] = [0]
     optimizer: dict[str, OptimizerAxis] = Field(min_length=1)
-
-    @field_validator("width", "batch_size", "seed", mode="before")
-    @classmethod
-    def _listify(cls, v: Any) -> Any:
-        return _as_list(v)
 
     @field_validator("optimizer")
     @classmethod
@@ -219,8 +340,8 @@ class Grid(_Strict):
 
 
 class Resources(_Strict):
-    cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)
+    cpu: float = Field(1, gt=0, le=MAX_CPUS)
+    gpu: float = Field(0, ge=0, le=MAX_GPUS)
 
     @field_validator("gpu")
     @classmethod
@@ -234,8 +355,9 @@ class Resources(_Strict):
 
 
 class Execution(_Strict):
-    max_concurrent: PositiveInt | None = None  # default: as many as the resources allow
-    retries: int = Field(1, ge=0)
+    # default: as many as the resources allow
+    max_concurrent: Annotated[int, Field(ge=1, le=MAX_TRIALS)] | None = None
+    retries: int = Field(1, ge=0, le=MAX_RETRIES)
 
 
 class SweepSpec(_Strict):
@@ -258,6 +380,90 @@ class SweepSpec(_Strict):
                 "a multiple of it"
             )
         return self
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> SweepSpec:
+        # The GPT (models/gpt.py) splits a width into width // head_dim heads of head_dim each,
+        # or, below head_dim, into one head of the whole width; rotary position embeddings
+        # rotate pairs of coordinates, so a head's size must be even. Left unchecked, width 24
+        # with head_dim 16 silently trains a 16-wide attention. The MLP has no heads.
+        m = self.model
+        if m.kind != "gpt":
+            return self
+        if m.head_dim % 2:
+            raise ValueError(
+                f"model.head_dim {m.head_dim} must be even: the GPT's rotary position "
+                "embeddings rotate pairs of coordinates"
+            )
+        uneven = [w for w in self.grid.width if w > m.head_dim and w % m.head_dim]
+        if uneven:
+            raise ValueError(
+                f"model.head_dim {m.head_dim} must divide every width above it (the GPT splits "
+                f"a width into heads of head_dim); grid.width {_few(uneven)} is not a "
+                f"multiple of {m.head_dim}"
+            )
+        odd = [w for w in self.grid.width if w < m.head_dim and w % 2]
+        if odd:
+            raise ValueError(
+                f"grid.width {_few(odd)} is below model.head_dim {m.head_dim}, so the GPT "
+                "gives it one head of the whole width, which rotary position embeddings need "
+                "even"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tokens_fit(self) -> SweepSpec:
+        # With train.tokens, steps x batch x seq_len is about the budget, which is bounded.
+        if self.train.steps is None:
+            return self
+        steps, batch, seq_len = max(self.train.steps), max(self.grid.batch_size), self.model.seq_len
+        if steps * batch * seq_len > MAX_TOKENS:
+            raise ValueError(
+                f"train.steps {steps} x grid.batch_size {batch} x model.seq_len {seq_len} = "
+                f"{steps * batch * seq_len:.3g} tokens in one trial, over the limit of "
+                f"{MAX_TOKENS:.0e}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _not_too_many_trials(self) -> SweepSpec:
+        check_trial_count(self, error=ValueError)
+        return self
+
+
+def _few(values: list[int]) -> str:
+    return ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+
+
+# --------------------------------------------------------------------------- trial count
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """How many trials the grid expands to, from the lengths of its axes alone (nothing is
+    built). An upper bound: expand() drops duplicates, e.g. two token budgets that round to the
+    same steps."""
+    g = spec.grid
+    points = sum(axis.n_points() for axis in g.optimizer.values())
+    cells = len(spec.model.depth) * len(g.width) * len(g.batch_size) * len(g.seed)
+    return cells * len(spec.train.horizons) * points
+
+
+def check_trial_count(spec: SweepSpec, error: type[Exception] = SpecError) -> None:
+    """Refuse a grid of more than MAX_TRIALS trials, before anything is built."""
+    n = trial_count(spec)
+    if n <= MAX_TRIALS:
+        return
+    g = spec.grid
+    horizon = "steps" if spec.train.steps is not None else "tokens"
+    points = ", ".join(f"{name} {axis.n_points():,}" for name, axis in g.optimizer.items())
+    raise error(
+        f"the grid has {n:,} trials, over the limit of {MAX_TRIALS:,} per grid file: "
+        f"depth {len(spec.model.depth)} x width {len(g.width)} x batch_size "
+        f"{len(g.batch_size)} x seed {len(g.seed)} x {horizon} {len(spec.train.horizons)} x "
+        f"lr and settings ({points}). Split it into several grid files (by optimizer or by "
+        "width, say) with the same results root, and report them together with "
+        "`sweep report RESULTS_ROOT`"
+    )
 
 
 # --------------------------------------------------------------------------- one trial
@@ -303,7 +509,10 @@ class TrialSpec(_Strict):
     def tokens(self) -> int:
         return self.steps * self.batch_size * self.seq_len
 
-    @property
+    # Cached: planning asks each trial for its id several times (dedup, store lookup, dry-run
+    # table), and hashing is most of the cost of a big grid. The fields are frozen, and
+    # model_copy below forgets the cache, so it cannot go stale.
+    @cached_property
     def trial_id(self) -> str:
         fields = self.model_dump(mode="json", exclude={"sweep", "device"})
         if self.grad_accum == 1:  # the default: ids from before the field existed still hold
@@ -315,26 +524,93 @@ class TrialSpec(_Strict):
         blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> TrialSpec:
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("trial_id", None)  # the copy's fields may differ: hash it afresh
+        return copy
+
 
 # --------------------------------------------------------------------------- loading
 
 
+class _DuplicateKeyError(yaml.MarkedYAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__()
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _GridLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """yaml's safe loader (libyaml's when installed: faster, and it limits nesting depth) that
+    refuses a key given twice in one mapping, where YAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(key, line, seen[key])
+            except TypeError:  # unhashable: the base class refuses it with its own message
+                continue
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _error_message(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid grid file"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    errors = err.errors(include_url=False, include_input=False)
+    for e in errors[:MAX_LISTED_ERRORS]:
+        path = ".".join(_short(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        lines.append(f"  {path}: {msg}")
+        elif e["type"] == "too_short" and e["loc"][-1:] == ("optimizer",):
+            msg = "empty; name at least one optimizer"
+        elif e["type"] == "too_short":
+            msg = "an empty list; give at least one value"
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")
+    if len(errors) > MAX_LISTED_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_LISTED_ERRORS:,} more errors")
     return "\n".join(lines)
+
+
+def _short(part: Any, limit: int = 60) -> str:
+    """A path element as printed: a pasted-in key of a megabyte would drown the message."""
+    s = str(part)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse data of more than MAX_VALUES values before validation walks it.
+
+    Each use of a YAML alias is counted (validation walks it each time), and the walk stops at
+    the limit, so it is fast even on a file whose aliases nest or refer to themselves.
+    """
+    stack, seen = [data], 0
+    while stack:
+        value = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise SpecError(
+                f"{source}: more than {MAX_VALUES:,} values (a YAML alias counts at each use); "
+                "a grid file holds at most a few thousand"
+            )
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def parse_spec(data: Any, source: str = "grid") -> SweepSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a grid file is a YAML mapping (name:, train:, grid:, ...)")
+    _check_size(data, source)
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as err:
@@ -346,12 +622,29 @@ def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such grid file")
+    too_big = (
+        f"{path}: a grid file may hold at most {MAX_GRID_BYTES:,} bytes; grid files are a few "
+        "KB (write a long list of lrs as a log2 range, split a big grid into several files)"
+    )
+    if path.stat().st_size > MAX_GRID_BYTES:
+        raise SpecError(too_big)
+    with path.open("rb") as f:
+        raw = f.read(MAX_GRID_BYTES + 1)  # never more, even if the file grew since stat()
+    if len(raw) > MAX_GRID_BYTES:
+        raise SpecError(too_big)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
+        data = yaml.load(raw.decode("utf-8"), Loader=_GridLoader)  # a safe loader
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a text file") from None
+    except _DuplicateKeyError as err:
+        raise SpecError(
+            f"{path}: line {err.line}: key {_short(err.key)!r} is given twice (first on line "
+            f"{err.first_line}); YAML would keep only the last, so remove one"
+        ) from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:  # pure-Python PyYAML on deep nesting (libyaml refuses it itself)
+        raise SpecError(f"{path}: not valid YAML: nested too deeply") from None
     return _absolute_paths(parse_spec(data, str(path)))
 
 
@@ -373,73 +666,76 @@ def _absolute_paths(spec: SweepSpec) -> SweepSpec:
 # --------------------------------------------------------------------------- expansion
 
 
-def _optimizer_points(axis: OptimizerAxis) -> Iterator[dict[str, Any]]:
+def _optimizer_points(axis: OptimizerAxis) -> Iterator[tuple[float, dict, dict]]:
+    """(lr, role multipliers, other settings) for every combination of the block's axes."""
     settings = axis.settings()
     keys = list(settings)
     for lr in axis.lrs():
         for combo in itertools.product(*(settings[k] for k in keys)):
             point = dict(zip(keys, combo, strict=True))
-            point["lr"] = lr
-            yield point
+            roles = {k: point.pop(k) for k in _ROLE_LRS}
+            yield lr, roles, point
 
 
 def _steps_for(train: TrainConfig, batch_size: int, seq_len: int) -> list[int]:
     if train.steps is not None:
-        return _as_list(train.steps)
-    return [max(1, round(t / (batch_size * seq_len))) for t in _as_list(train.tokens)]
+        return train.steps
+    return [max(1, round(t / (batch_size * seq_len))) for t in train.tokens or []]
 
 
 def expand(spec: SweepSpec, data_fingerprint: str) -> list[TrialSpec]:
-    """The cartesian product of the grid's axes, in a stable order, without duplicates."""
-    m, t = spec.model, spec.train
+    """The cartesian product of the grid's axes, in a stable order, without duplicates.
+
+    Raises SpecError, before building anything, for a grid over MAX_TRIALS (a SweepSpec
+    refuses one already; this covers specs made with model_copy or model_construct).
+    """
+    check_trial_count(spec)
+    m, t, g = spec.model, spec.train, spec.grid
+    # What every trial shares.
+    shared = dict(
+        sweep=spec.name,
+        model=m.kind,
+        seq_len=m.seq_len,
+        head_dim=m.head_dim,
+        zero_init_out=m.zero_init_out,
+        mlp_context=m.mlp_context,
+        data=spec.data,
+        data_fingerprint=data_fingerprint,
+        vocab_size=spec.data.resolved_vocab_size,
+        schedule=t.schedule,
+        warmup=t.warmup,
+        warmdown=t.warmdown,
+        grad_clip=t.grad_clip,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        eval_batches=t.eval_batches,
+        coord_check=t.coord_check,
+        device=t.device,
+    )
     trials: dict[str, TrialSpec] = {}
-    for opt_name, axis in spec.grid.optimizer.items():
-        for depth, width, batch, seed, point in itertools.product(
-            _as_list(m.depth),
-            spec.grid.width,
-            spec.grid.batch_size,
-            spec.grid.seed,
-            list(_optimizer_points(axis)),
+    for opt_name, axis in g.optimizer.items():
+        attn = m.attn_scale
+        if attn == "auto":
+            attn = "mup" if opt_name == "adamw-mup" else "sqrt"
+        points = list(_optimizer_points(axis))
+        for depth, width, batch, seed, (lr, roles, hparams) in itertools.product(
+            m.depth, g.width, g.batch_size, g.seed, points
         ):
-            point = dict(point)  # the same point recurs across widths, seeds, ...
-            role_lrs = {
-                k: point.pop(k) for k in ("lr_input", "lr_hidden", "lr_output", "lr_vector")
-            }
-            lr = point.pop("lr")
-            attn = m.attn_scale
-            if attn == "auto":
-                attn = "mup" if opt_name == "adamw-mup" else "sqrt"
+            grad_accum = max(1, batch // t.micro_batch) if t.micro_batch else 1
             for steps in _steps_for(t, batch, m.seq_len):
                 trial = TrialSpec(
-                    sweep=spec.name,
-                    model=m.kind,
+                    **shared,
                     width=width,
                     depth=depth,
-                    seq_len=m.seq_len,
-                    head_dim=m.head_dim,
-                    zero_init_out=m.zero_init_out,
                     attn_scale=attn,
-                    mlp_context=m.mlp_context,
-                    data=spec.data,
-                    data_fingerprint=data_fingerprint,
-                    vocab_size=spec.data.resolved_vocab_size,
                     batch_size=batch,
                     steps=steps,
-                    schedule=t.schedule,
-                    warmup=t.warmup,
-                    warmdown=t.warmdown,
-                    grad_clip=t.grad_clip,
-                    grad_accum=max(1, batch // t.micro_batch) if t.micro_batch else 1,
-                    log_every=t.log_every,
-                    eval_every=t.eval_every,
-                    eval_batches=t.eval_batches,
-                    coord_check=t.coord_check,
+                    grad_accum=grad_accum,
                     seed=seed,
                     optimizer=opt_name,
                     lr=lr,
-                    hparams=dict(point),
-                    device=t.device,
-                    **role_lrs,
+                    hparams=hparams,  # validation copies it: no two trials share one dict
+                    **roles,
                 )
                 trials.setdefault(trial.trial_id, trial)
     return list(trials.values())

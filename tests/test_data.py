@@ -11,6 +11,7 @@ import torch
 from sweeper.data import (
     ConcatTokens,
     DataError,
+    check_length,
     fingerprint,
     load_data,
     train_batches,
@@ -248,3 +249,53 @@ def test_too_short_for_the_sequence(tmp_path):
         val_batches(data, 2, 64, 1)
     with pytest.raises(DataError, match="fewer than seq_len"):
         train_batches(data, 2, 500, 0)
+
+
+# --------------------------------------------------------------------------- check_length
+
+
+def test_check_length_refuses_a_text_file_too_short_for_a_sequence(tmp_path):
+    # Such a file used to fail every trial at run time; plan() can now refuse it up front.
+    path = tmp_path / "small.txt"
+    path.write_bytes(b"x" * 100)  # 95 training bytes, 5 held out at val_fraction 0.05
+    cfg = DataConfig(text=str(path))
+    with pytest.raises(DataError) as err:
+        check_length(cfg, seq_len=128)
+    assert str(err.value) == (
+        f"text:{path}: the training split has 95 tokens, fewer than seq_len + 1 = 129; "
+        "use more data or a smaller model.seq_len"
+    )
+    with pytest.raises(
+        DataError, match=r"the validation split has 5 tokens, .* = 9; .*val_fraction"
+    ):
+        check_length(cfg, seq_len=8)
+    check_length(cfg, seq_len=4)  # 5 tokens: one window of 4 and its targets
+
+
+def test_check_length_with_validation_shards(tmp_path):
+    write_raw(tmp_path / "train.bin", tokens(1000))
+    write_raw(tmp_path / "val.bin", tokens(50))
+    cfg = DataConfig(shards=str(tmp_path / "train.bin"), val_shards=str(tmp_path / "val.bin"))
+    check_length(cfg, seq_len=49)
+    with pytest.raises(DataError, match=r"val:.*val.bin: the validation split has 50 tokens"):
+        check_length(cfg, seq_len=50)
+    with pytest.raises(DataError, match=r"training split has 1000 tokens"):
+        check_length(cfg, seq_len=1000)
+
+
+def test_check_length_agrees_with_the_batch_samplers(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_bytes(bytes(range(32, 127)) * 20)  # 1900 bytes: 1805 train, 95 validation
+    cfg = DataConfig(text=str(path))
+    data = load_data(cfg)
+    check_length(cfg, seq_len=94)  # accepted: both samplers work
+    next(train_batches(data, 2, 94, seed=0))
+    val_batches(data, 2, 94, n=1)
+    with pytest.raises(DataError):
+        check_length(cfg, seq_len=95)
+    with pytest.raises(DataError):
+        val_batches(data, 2, 95, n=1)
+
+
+def test_check_length_of_the_stdlib_corpus():
+    check_length(DataConfig(corpus="stdlib"), seq_len=4096)

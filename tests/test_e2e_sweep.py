@@ -127,13 +127,17 @@ def test_attached_cluster_runs_the_same_grid_and_a_grown_grid_runs_only_new_tria
 @pytest.mark.ray
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_controller_resumes_with_every_trial_once(tmp_path, sweep_cli, ray_address, sig):
-    slow = {**TINY, "train": {**TINY["train"], "steps": 60, "log_every": 20, "eval_every": 30},
-            "execution": {"max_concurrent": 1, "retries": 0}}
+    slow = {
+        **TINY,
+        "train": {**TINY["train"], "steps": 60, "log_every": 20, "eval_every": 30},
+        "execution": {"max_concurrent": 1, "retries": 0},
+    }
     grid = write_grid(tmp_path, slow)
     trials_dir = tmp_path / "results" / "tiny" / "trials"
     proc = subprocess.Popen(
         [str(BIN / "sweep"), "run", str(grid), "--address", ray_address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(trials_dir.glob("*.parquet"))) < 2:
@@ -154,8 +158,7 @@ def test_killed_controller_resumes_with_every_trial_once(tmp_path, sweep_cli, ra
 
 @pytest.mark.ray
 def test_default_local_ray_with_dashboard_on_loopback(tmp_path, sweep_cli):
-    small = {**TINY, "grid": {**TINY["grid"], "width": [32],
-                              "optimizer": {"adamw": {"lr": 1e-3}}}}
+    small = {**TINY, "grid": {**TINY["grid"], "width": [32], "optimizer": {"adamw": {"lr": 1e-3}}}}
     out = sweep_cli("run", str(write_grid(tmp_path, small)), "--num-cpus", "1", "--dashboard")
     assert out.returncode == 0, out.stderr
     assert "Ray dashboard: http://127.0.0.1:" in out.stdout

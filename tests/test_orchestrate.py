@@ -36,12 +36,14 @@ def test_gpu_on_a_cpu_only_cluster():
 
 
 def spec(tmp_path, **grid):
-    return parse_spec({
-        "name": "p",
-        "results": str(tmp_path),
-        "train": {"steps": 2},
-        "grid": {"width": [32], "optimizer": {"adamw": {"lr": [0.1, 0.01]}}, **grid},
-    })
+    return parse_spec(
+        {
+            "name": "p",
+            "results": str(tmp_path),
+            "train": {"steps": 2},
+            "grid": {"width": [32], "optimizer": {"adamw": {"lr": [0.1, 0.01]}}, **grid},
+        }
+    )
 
 
 def test_plan_subtracts_finished_trials_but_not_failed_ones(tmp_path):

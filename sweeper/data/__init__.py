@@ -8,7 +8,7 @@ No network, ever. See sources.py (loading, fingerprints), stdlib.py (the embedde
 shards.py (nanoGPT / modded-nanogpt formats) and batches.py (sampling).
 """
 
-from sweeper.data.batches import Batch, train_batches, val_batches
+from sweeper.data.batches import Batch, check_length, train_batches, val_batches
 from sweeper.data.sources import Data, fingerprint, load_data
 from sweeper.data.tokens import ConcatTokens, DataError
 
@@ -17,6 +17,7 @@ __all__ = [
     "ConcatTokens",
     "Data",
     "DataError",
+    "check_length",
     "fingerprint",
     "load_data",
     "train_batches",

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from sweeper.data.sources import Data
+from sweeper.data.sources import Data, load_data
 from sweeper.data.tokens import DataError, TokenArray
+from sweeper.spec import DataConfig
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -34,11 +35,35 @@ def _windows(tokens: TokenArray, starts: np.ndarray, seq_len: int, vocab_size: i
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
-def _need(tokens: TokenArray, seq_len: int, what: str) -> int:
+def _need(tokens: TokenArray, seq_len: int, what: str, hint: str = "") -> int:
+    """len(tokens), which must hold one window of seq_len tokens and its next-token targets."""
     n = len(tokens)
     if n < seq_len + 1:
-        raise DataError(f"{what} has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        raise DataError(f"{what} has {n} tokens, fewer than seq_len + 1 = {seq_len + 1}{hint}")
     return n
+
+
+def check_length(cfg: DataConfig, seq_len: int) -> None:
+    """Refuse data too short for trials of seq_len tokens, before any trial runs.
+
+    Both splits must hold seq_len + 1 tokens, as train_batches and val_batches need; without
+    this check a short file fails every trial at run time. Cheap: load_data memory-maps the
+    files and is cached per process, so after fingerprint(cfg) it reads nothing more.
+    Raises DataError naming the file, its split's token count and what is needed.
+    """
+    data = load_data(cfg)
+    _need(
+        data.train,
+        seq_len,
+        f"{data.source}: the training split",
+        "; use more data or a smaller model.seq_len",
+    )
+    # Without val_shards the validation split is the tail of the data, val_fraction of it.
+    if cfg.val_shards is None:
+        hint = "; use more data, a smaller model.seq_len or a larger data.val_fraction"
+    else:
+        hint = "; use more validation data or a smaller model.seq_len"
+    _need(data.val, seq_len, f"{data.source}: the validation split", hint)
 
 
 def train_batches(data: Data, batch_size: int, seq_len: int, seed: int) -> Iterator[Batch]:
