@@ -22,10 +22,10 @@ from rich.table import Table
 from sweeper.spec import SpecError, SweepSpec, TrialSpec, load_spec
 
 app = typer.Typer(
-    help="Hyperparameter-transfer sweeps: grid file -> Ray Tune -> Parquet store -> report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: flags shown as flags, not `--dry-run <bool>`
 )
 # Logs and pipes get wide tables instead of rich's 80-column default.
 _WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
@@ -35,9 +35,27 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH
 EXIT_BAD_INPUT = 2
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import platform
+
+        from sweeper import __version__
+
+        console.print(f"sweep {__version__} (Python {platform.python_version()})")
+        raise typer.Exit()
+
+
 @app.callback()
-def _warnings_as_one_line() -> None:
-    """Warnings (a damaged file skipped, ...) as one line each, without Python's source line."""
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Hyperparameter-transfer sweeps: grid file -> Ray Tune -> Parquet store -> report."""
+    # Warnings (a damaged file skipped, ...) as one line each, without Python's source line.
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         err_console.print(f"[yellow]warning:[/] {escape(str(message))}")
@@ -163,6 +181,15 @@ def run(
 
     if executor not in ("ray", "local"):
         _fail(f"--executor must be ray or local, got {executor!r}")
+    if executor == "local":
+        ray_only = {
+            "--address": address is not None,
+            "--num-cpus": num_cpus is not None,
+            "--dashboard": dashboard,
+            "--dashboard-host": dashboard_host != "127.0.0.1",
+        }
+        if given := [name for name, on in ray_only.items() if on]:
+            _fail(f"{', '.join(given)}: for the Ray executor only, not --executor local")
     spec = _load(grid)
     grid_text = grid.read_text()
     try:
@@ -189,7 +216,9 @@ def run(
 
     def announce(url: str | None) -> None:
         if url:
-            console.print(f"Ray dashboard: {url}")
+            token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+            login = f" (it asks for a token: the content of {token})" if token.is_file() else ""
+            console.print(f"Ray dashboard: {url}{login}")
 
     try:
         with SweepProgress(spec.name, len(p.trials), p.done, console) as progress:

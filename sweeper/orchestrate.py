@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import shutil
 import tempfile
@@ -111,13 +112,13 @@ def failed_result(error: str, started_at: datetime | None = None) -> TrialResult
 
 def execute_trial(
     spec: TrialSpec, store: Store, report: Callable[[dict[str, Any]], None] | None = None
-) -> str:
-    """Train one trial and store it; returns its status. Exceptions propagate (for retries)."""
+) -> TrialResult:
+    """Train one trial and store it. Exceptions propagate (for retries)."""
     from sweeper.train import run_trial
 
     result = run_trial(spec, sink=report)
     store.write_trial(spec, result)
-    return result.status
+    return result
 
 
 def _stopped(err: StoreError, store: Store) -> SweepError:
@@ -163,7 +164,7 @@ def run_local(p: Plan, progress: SweepProgress) -> None:
         started = datetime.now(timezone.utc)
         for attempt in range(p.spec.execution.retries + 1):
             try:
-                status = execute_trial(trial, p.store)
+                status = execute_trial(trial, p.store).status
                 break
             except (KeyboardInterrupt, StoreError):
                 raise  # retrying cannot help a full or read-only disk
@@ -177,26 +178,80 @@ def run_local(p: Plan, progress: SweepProgress) -> None:
 # --------------------------------------------------------------------------- Ray Tune
 
 
-def _trainable(config: dict[str, Any]) -> None:
-    """The Ray Tune function trainable: one trial, rows reported live, result stored."""
+# What Tune shows of a trial (the dashboard, its result tables, trackers): flat scalars.
+_SHOWN = ("optimizer", "model", "width", "depth", "batch_size", "seq_len", "steps", "lr", "seed")
+_ROLE_LRS = ("lr_input", "lr_hidden", "lr_output", "lr_vector")
+
+
+def tune_config(trial: TrialSpec) -> dict[str, Any]:
+    """The trial as Tune's config: what varies, as flat scalars, plus the whole spec as JSON."""
+    config: dict[str, Any] = {"trial_id": trial.trial_id}
+    config.update({k: getattr(trial, k) for k in _SHOWN})
+    config["log2_lr"] = math.log2(trial.lr)
+    config.update({k: getattr(trial, k) for k in _ROLE_LRS if getattr(trial, k) != 1.0})
+    config.update(trial.hparams)  # optimizer settings: beta1, momentum, ... (never the above)
+    config["spec"] = trial.model_dump_json()
+    return config
+
+
+def trial_name(trial: TrialSpec, varying: set[str]) -> str:
+    """`adamw-w128-lr2^-7-s0`, with depth, batch, steps and settings when the sweep varies them."""
+    parts = [trial.optimizer, f"w{trial.width}", f"lr2^{math.log2(trial.lr):g}"]
+    for key, short in (("depth", "d"), ("batch_size", "b"), ("steps", "t"), ("model", "")):
+        if key in varying:
+            parts.append(f"{short}{getattr(trial, key)}")
+    parts += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in _settings(trial)]
+    parts.append(f"s{trial.seed}")
+    return "-".join(parts)
+
+
+def _settings(trial: TrialSpec) -> list[tuple[str, Any]]:
+    roles = [(k.removeprefix("lr_"), getattr(trial, k)) for k in _ROLE_LRS]
+    return [(k, v) for k, v in roles if v != 1.0] + sorted(trial.hparams.items())
+
+
+def _varying(trials: list[TrialSpec]) -> set[str]:
+    return {
+        k
+        for k in ("depth", "batch_size", "steps", "model")
+        if len({getattr(t, k) for t in trials}) > 1
+    }
+
+
+def _trainable(config: dict[str, Any], results: str, threads: int) -> None:
+    """The Ray Tune function trainable: one trial, its rows reported live, result stored.
+
+    Each log row is one Tune result; the last one also carries the trial's summary (final and
+    best losses, norms, times) and its `status`, so Tune's tables and trackers end on it.
+    """
     import torch
     from ray import tune
 
-    spec = TrialSpec.model_validate_json(config["trial"])
-    torch.set_num_threads(config["threads"])
-    store = Store(config["results"], spec.sweep)
+    spec = TrialSpec.model_validate_json(config["spec"])
+    torch.set_num_threads(threads)
+    store = Store(results, spec.sweep)
+    held: list[dict[str, Any]] = []  # the latest row, held back until the next one comes
 
     def report(row: dict[str, Any]) -> None:
-        # Tune wants numbers; a missing validation loss is NaN, not None.
-        tune.report({k: (float("nan") if v is None else v) for k, v in row.items()})
+        if held:
+            tune.report(_numbers(held.pop()))
+        held.append(row)
 
     try:
-        status = execute_trial(spec, store, report)
+        result = execute_trial(spec, store, report)
     except StoreError as err:
         # Retrying cannot help a full or read-only disk: the controller stops the sweep.
-        tune.report({"step": -1, "sweeper_status": "not stored", "sweeper_error": str(err)})
+        tune.report(
+            {**_numbers(held[0] if held else {}), "status": "not stored", "store_error": str(err)}
+        )
         return
-    tune.report({"step": -1, "sweeper_status": status})
+    summary = {k: v for k, v in result.summary.items() if isinstance(v, int | float) or v is None}
+    tune.report({**_numbers({**(held[0] if held else {}), **summary}), "status": result.status})
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, Any]:
+    # Tune and trackers want numbers: a missing value (a step without validation) is NaN.
+    return {k: (float("nan") if v is None else v) for k, v in row.items()}
 
 
 def _tune_scratch() -> str:
@@ -269,16 +324,17 @@ def run_ray(
 def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None:
     """Run the plan's trials as one Tune experiment, then store those that raised as failed."""
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     by_id = {t.trial_id: t for t in p.todo}
-    space = {
-        "trial": tune.grid_search([t.model_dump_json() for t in p.todo]),
-        "results": p.store.root,
-        "threads": max(1, int(per_trial["cpu"])),
-    }
+    names = {t.trial_id: trial_name(t, _varying(p.trials)) for t in p.todo}
+    # One Tune trial per TrialSpec, each config given whole: a grid_search would take the
+    # cartesian product of the keys, which is not the sweep's (each optimizer has its settings).
+    points = [tune_config(t) for t in p.todo]
+    space = {key: None for point in points for key in point}
 
     def trial_id(trial: Any) -> str:
-        return TrialSpec.model_validate_json(trial.config["trial"]).trial_id
+        return trial.config["trial_id"]
 
     class StopOnStoreError(tune.Stopper):
         """The whole experiment stops at the first trial that could not store its rows."""
@@ -286,7 +342,7 @@ def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None
         first: str | None = None
 
         def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-            self.first = self.first or result.get("sweeper_error")
+            self.first = self.first or result.get("store_error")
             return False
 
         def stop_all(self) -> bool:
@@ -294,14 +350,19 @@ def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None
 
     store_errors = StopOnStoreError()
     storage = _tune_scratch()
+    trainable = tune.with_parameters(
+        _trainable, results=p.store.root, threads=max(1, int(per_trial["cpu"]))
+    )
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, per_trial),
+        tune.with_resources(trainable, per_trial),
         param_space=space,
         tune_config=tune.TuneConfig(
+            search_alg=BasicVariantGenerator(points_to_evaluate=points),
+            num_samples=len(points),
             max_concurrent_trials=p.spec.execution.max_concurrent,
             # One worker process serves trial after trial: no torch import per trial.
             reuse_actors=True,
-            trial_name_creator=trial_id,
+            trial_name_creator=lambda trial: names[trial_id(trial)],
             trial_dirname_creator=trial_id,
         ),
         run_config=tune.RunConfig(
@@ -325,7 +386,7 @@ def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None
     finished = p.store.finished_ids()
     for result in results:
         if result.error is not None:
-            tid = TrialSpec.model_validate_json(result.config["trial"]).trial_id
+            tid = result.config["trial_id"]
             if tid not in finished:
                 p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
 

@@ -114,7 +114,7 @@ class SweepProgress:
 
             def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
                 if spec := self._trial(trial):
-                    status = (trial.last_result or {}).get("sweeper_status", "completed")
+                    status = (trial.last_result or {}).get("status", "completed")
                     self.progress.finished(spec, status)
 
             def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001

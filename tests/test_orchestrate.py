@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sweeper.orchestrate import SweepError, check_resources, plan
-from sweeper.spec import parse_spec
+from sweeper.spec import TrialSpec, expand, parse_spec
 from sweeper.store import TrialResult
 
 NODES = [{"CPU": 16.0, "GPU": 1.0}, {"CPU": 8.0}]
@@ -74,3 +74,35 @@ def test_values_an_optimizer_refuses_are_grid_errors(tmp_path, setting, words):
         plan(bad)
     assert words in str(err.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_tune_sees_each_trial_as_flat_scalars_and_a_readable_name():
+    from sweeper.orchestrate import _varying, trial_name, tune_config
+
+    s = parse_spec(
+        {
+            "name": "p",
+            "train": {"steps": 2},
+            "grid": {
+                "width": [32, 64],
+                "seed": [0, 1],
+                "optimizer": {
+                    "adamw": {"lr": [2**-7]},
+                    "scion": {"lr": [0.01], "momentum": [0.1], "lr_output": [0.5]},
+                },
+            },
+        }
+    )
+    trials = expand(s, "fp")
+    config = tune_config(trials[0])
+    scalars = {k: v for k, v in config.items() if k != "spec"}
+    assert all(isinstance(v, int | float | str) for v in scalars.values())
+    assert scalars["optimizer"] == "adamw" and scalars["width"] == 32
+    assert scalars["lr"] == 2**-7 and scalars["log2_lr"] == -7 and scalars["seed"] == 0
+    assert scalars["trial_id"] == trials[0].trial_id
+    assert TrialSpec.model_validate_json(config["spec"]) == trials[0]
+    scion = next(t for t in trials if t.optimizer == "scion")
+    assert tune_config(scion)["momentum"] == 0.1 and tune_config(scion)["lr_output"] == 0.5
+
+    assert trial_name(trials[0], _varying(trials)) == "adamw-w32-lr2^-7-s0"
+    assert trial_name(scion, _varying(trials)).startswith("scion-w32-lr2^-6.64386-output0.5-")
