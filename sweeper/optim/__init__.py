@@ -17,6 +17,7 @@ Nothing here imports from the rest of sweeper: every optimizer is an ordinary
         unconstrained=False,   # True: uScion
     )
     opt.init()                 # weights onto their norm balls (norm gains left alone)
+    # Scion(model.parameters()) also runs: lmo="auto", spectral matrices and bias_rms vectors.
     for x, y in batches:
         loss_fn(model(x), y).backward()
         opt.step()
@@ -31,6 +32,9 @@ Or by name, with the parameter roles inferred (or taken from `model.param_roles(
         opt.init()
 
 Names: OPTIMIZER_NAMES; the settings of each (with defaults): `accepted_hparams(name)`.
+torch's lr schedulers work; give OneCycleLR / CyclicLR one lr per group (`max_lr=[g["lr"] for g
+in opt.param_groups]`) to keep the per-role lrs, and `cycle_momentum=False` for Scion, Muon and
+MOGA, whose momentum is not SGD's (they refuse momentum cycling rather than be misread).
 Operator norms for logging: `rms_to_inf(model.head.weight)` etc. (pass `W.mT` for an
 embedding, which is stored transposed).
 """

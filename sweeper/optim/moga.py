@@ -36,7 +36,9 @@ class MOGA(torch.optim.Optimizer):
 
     lr, beta (momentum), rule ("row", "col" or "sign"), p (the row rule's norm; col is q=2),
     fan_factor (the row rule's d_in^(-1/p)), weight_decay (decoupled), transposed, stacked.
-    1-D parameters always take the sign rule.
+    1-D parameters always take the sign rule, so `MOGA(model.parameters())` runs on any model.
+    The momentum is `beta`, a key momentum-cycling schedulers (OneCycleLR, CyclicLR) do not
+    know, so they refuse it: pass them cycle_momentum=False.
     """
 
     def __init__(

@@ -8,6 +8,15 @@ Muon (groups with `use_muon=True`):
 
 AdamW (groups with `use_muon=False`: embeddings, the head, vectors) is torch's own AdamW
 update, run on those groups' state, so the user steps (and checkpoints) a single object.
+
+`Muon(model.parameters())` is refused: which matrices are hidden (Muon) and which are the
+embedding or head (AdamW, by the reference) is a model's structure, not a shape;
+`build_optimizer("muon", model, lr)` groups by `param_roles(model)`.
+
+`torch.optim.Muon` computes the same Muon step (`tests/test_optim_ecosystem.py` checks it): its
+`adjust_lr_fn` None / "original" is scale_convention "keller", "match_rms_adamw" is
+"moonlight"; its weight_decay defaults to 0.1, ours to 0. Its Newton-Schulz runs in bfloat16
+on every device; ours in float32 off CUDA (`lmo.newton_schulz`).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch
 from torch.optim.adamw import adamw
 
 from sweeper.optim.lmo import as_matrix, from_matrix, newton_schulz
+from sweeper.optim.roles import param_label
 
 SCALE_CONVENTIONS = ("keller", "speedrun", "moonlight")
 
@@ -49,7 +59,9 @@ class Muon(torch.optim.Optimizer):
     Muon group keys: lr, momentum, nesterov, weight_decay, scale_convention, ns_steps,
     transposed, stacked. AdamW group keys: lr (defaults to `adam_lr`), betas
     (`adam_betas`), eps (`adam_eps`), weight_decay (`adam_weight_decay`).
-    Both kinds keep their step size in `lr`, so lr schedulers treat them alike.
+    Both kinds keep their step size in `lr`, so lr schedulers treat them alike. `defaults`
+    is empty (the kinds differ), so momentum-cycling schedulers (OneCycleLR, CyclicLR) refuse
+    it: one `momentum` or `betas` written into every group fits only one kind.
     """
 
     def __init__(
@@ -83,11 +95,20 @@ class Muon(torch.optim.Optimizer):
         # Empty base defaults: the two kinds of group take different keys (add_param_group).
         super().__init__(params, {})
 
+    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy keep both kinds' defaults
+        state = super().__getstate__()
+        return {
+            **state,
+            "_muon_defaults": self._muon_defaults,
+            "_adam_defaults": self._adam_defaults,
+        }
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if not isinstance(param_group, dict) or "use_muon" not in param_group:
             raise ValueError(
                 "Muon needs param groups (dicts) that each say use_muon=True (hidden matrices) "
-                "or use_muon=False (embeddings, head, vectors: AdamW)"
+                "or use_muon=False (embeddings, head, vectors: AdamW); "
+                "sweeper.optim.build_optimizer('muon', model, lr) builds them from the model"
             )
         group = dict(param_group)
         defaults = self._muon_defaults if group["use_muon"] else self._adam_defaults
@@ -96,6 +117,17 @@ class Muon(torch.optim.Optimizer):
         if group["use_muon"]:
             muon_scale(1, 1, group["scale_convention"])
         super().add_param_group(group)
+        if group["use_muon"]:  # fail here, not with a shape error at the first step
+            for i, p in enumerate(group["params"]):
+                if p.ndim < 2:
+                    self.param_groups.pop()
+                    raise ValueError(
+                        f"a use_muon=True group holds {param_label(group, i)}: Muon "
+                        "orthogonalizes matrices only. Put vectors (biases, norm gains), and by "
+                        "the reference the embedding and the head, in a use_muon=False (AdamW) "
+                        "group, or use sweeper.optim.build_optimizer('muon', model, lr), which "
+                        "groups by param_roles(model)"
+                    )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -11,7 +11,7 @@ they are inferred from the module structure (see `param_roles`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from torch import nn
 
@@ -85,3 +85,13 @@ def _inferred(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> dict[s
         else:
             roles[name] = "hidden"
     return roles
+
+
+def param_label(group: dict[str, Any], index: int) -> str:
+    """How an error message names parameter `index` of an optimizer param group: its name
+    when the optimizer was given `model.named_parameters()`, and always its shape."""
+    shape = tuple(group["params"][index].shape)
+    names = group.get("param_names")
+    return (
+        f"parameter {names[index]!r} of shape {shape}" if names else f"a parameter of shape {shape}"
+    )
