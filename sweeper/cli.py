@@ -174,10 +174,18 @@ def run(
     then_report: Annotated[
         bool, typer.Option("--report", help="Write the sweep's report when it is done.")
     ] = False,
+    trackers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tracker",
+            help="Stream every trial's rows to tensorboard, mlflow or wandb (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Run every trial of GRID not yet in its store; safe to re-run, it resumes."""
     from sweeper.orchestrate import SweepError, plan, run_sweep
     from sweeper.progress import SweepProgress
+    from sweeper.trackers import TrackerError, tracking_for
 
     if executor not in ("ray", "local"):
         _fail(f"--executor must be ray or local, got {executor!r}")
@@ -187,6 +195,7 @@ def run(
             "--num-cpus": num_cpus is not None,
             "--dashboard": dashboard,
             "--dashboard-host": dashboard_host != "127.0.0.1",
+            "--tracker": bool(trackers),
         }
         if given := [name for name, on in ray_only.items() if on]:
             _fail(f"{', '.join(given)}: for the Ray executor only, not --executor local")
@@ -194,7 +203,8 @@ def run(
     grid_text = grid.read_text()
     try:
         p = plan(spec, results, allow_missing_data=dry_run)
-    except SweepError as err:
+        tracking = tracking_for(trackers, spec.name, p.store) if trackers else None
+    except (SweepError, TrackerError) as err:
         _fail(str(err))
     if dry_run:
         finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
@@ -215,6 +225,8 @@ def run(
     )
 
     def announce(url: str | None) -> None:
+        for line in tracking.where() if tracking else []:
+            console.print(line)
         if url:
             token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
             login = f" (it asks for a token: the content of {token})" if token.is_file() else ""
@@ -236,6 +248,7 @@ def run(
                         "dashboard": dashboard,
                         "dashboard_host": dashboard_host,
                         "on_ready": announce,
+                        "tracking": tracking,
                     }
                 ),
             )

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from sweeper.progress import SweepProgress
 from sweeper.spec import SweepSpec, TrialSpec, expand
 from sweeper.store import Store, StoreError, StoreLocked, TrialResult
+from sweeper.trackers import Tracking
 
 Executor = Literal["ray", "local"]
 
@@ -185,7 +186,8 @@ _ROLE_LRS = ("lr_input", "lr_hidden", "lr_output", "lr_vector")
 
 def tune_config(trial: TrialSpec) -> dict[str, Any]:
     """The trial as Tune's config: what varies, as flat scalars, plus the whole spec as JSON."""
-    config: dict[str, Any] = {"trial_id": trial.trial_id}
+    # "trial_id" is Tune's own name for its trials (W&B and others would show Tune's instead)
+    config: dict[str, Any] = {"store_trial_id": trial.trial_id}
     config.update({k: getattr(trial, k) for k in _SHOWN})
     config["log2_lr"] = math.log2(trial.lr)
     config.update({k: getattr(trial, k) for k in _ROLE_LRS if getattr(trial, k) != 1.0})
@@ -300,6 +302,7 @@ def run_ray(
     dashboard: bool = False,
     dashboard_host: str = "127.0.0.1",
     on_ready: Callable[[str | None], None] | None = None,
+    tracking: Tracking | None = None,
 ) -> None:
     from sweeper.cluster import ClusterError, ray_session
 
@@ -316,12 +319,14 @@ def run_ray(
                     url = getattr(ctx, "dashboard_url", None)
                     on_ready(f"http://{url}" if url else None)
                 if p.todo:
-                    _tune(p, progress, per_trial)
+                    _tune(p, progress, per_trial, tracking)
     except ClusterError as err:
         raise SweepError(str(err)) from None
 
 
-def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None:
+def _tune(
+    p: Plan, progress: SweepProgress, per_trial: dict[str, float], tracking: Tracking | None
+) -> None:
     """Run the plan's trials as one Tune experiment, then store those that raised as failed."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -334,7 +339,7 @@ def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None
     space = {key: None for point in points for key in point}
 
     def trial_id(trial: Any) -> str:
-        return trial.config["trial_id"]
+        return trial.config["store_trial_id"]
 
     class StopOnStoreError(tune.Stopper):
         """The whole experiment stops at the first trial that could not store its rows."""
@@ -349,7 +354,9 @@ def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None
             return self.first is not None
 
     store_errors = StopOnStoreError()
-    storage = _tune_scratch()
+    # Tune's experiment files are scratch (the store is the record), unless a tracker reads them.
+    keep = tracking is not None and tracking.keeps_tune_folder
+    storage = tracking.tune_folder if keep else _tune_scratch()
     trainable = tune.with_parameters(
         _trainable, results=p.store.root, threads=max(1, int(per_trial["cpu"]))
     )
@@ -370,15 +377,26 @@ def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None
             storage_path=storage,
             stop=store_errors,
             failure_config=tune.FailureConfig(max_failures=p.spec.execution.retries),
-            callbacks=[progress.tune_callback(by_id, trial_id)],
+            callbacks=[
+                progress.tune_callback(by_id, trial_id),
+                *(tracking.callbacks() if tracking else []),
+            ],
             verbose=0,
             progress_reporter=None,
         ),
     )
     try:
         results = tuner.fit()
+    except Exception as err:
+        if tracking is None:
+            raise
+        # A tracker that cannot write (a bad URI, a full disk) fails inside Tune's callbacks.
+        raise SweepError(
+            f"the run stopped ({', '.join(tracking.names)}): {_error_text(err)}"
+        ) from None
     finally:
-        shutil.rmtree(storage, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(storage, ignore_errors=True)
     if store_errors.first:
         raise StoreError(store_errors.first)
     # A trial that still raised after its retries is stored as failed; the others were
@@ -386,7 +404,7 @@ def _tune(p: Plan, progress: SweepProgress, per_trial: dict[str, float]) -> None
     finished = p.store.finished_ids()
     for result in results:
         if result.error is not None:
-            tid = result.config["trial_id"]
+            tid = result.config["store_trial_id"]
             if tid not in finished:
                 p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
 

@@ -99,7 +99,7 @@ def test_tune_sees_each_trial_as_flat_scalars_and_a_readable_name():
     assert all(isinstance(v, int | float | str) for v in scalars.values())
     assert scalars["optimizer"] == "adamw" and scalars["width"] == 32
     assert scalars["lr"] == 2**-7 and scalars["log2_lr"] == -7 and scalars["seed"] == 0
-    assert scalars["trial_id"] == trials[0].trial_id
+    assert scalars["store_trial_id"] == trials[0].trial_id
     assert TrialSpec.model_validate_json(config["spec"]) == trials[0]
     scion = next(t for t in trials if t.optimizer == "scion")
     assert tune_config(scion)["momentum"] == 0.1 and tune_config(scion)["lr_output"] == 0.5
