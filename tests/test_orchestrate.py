@@ -106,3 +106,24 @@ def test_tune_sees_each_trial_as_flat_scalars_and_a_readable_name():
 
     assert trial_name(trials[0], _varying(trials)) == "adamw-w32-lr2^-7-s0"
     assert trial_name(scion, _varying(trials)).startswith("scion-w32-lr2^-6.64386-output0.5-")
+
+
+def test_tune_scratch_of_a_killed_controller_goes_at_the_next_run(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from sweeper.orchestrate import _tune_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    left = tmp_path / f"sweeper-tune-{dead}-abc"
+    (left / "tiny").mkdir(parents=True)
+    running = tmp_path / f"sweeper-tune-{os.getppid()}-def"  # a live controller's
+    running.mkdir()
+    mine = _tune_scratch()
+    assert not left.exists() and running.exists()
+    assert os.path.basename(mine).startswith(f"sweeper-tune-{os.getpid()}-")
