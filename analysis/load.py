@@ -177,6 +177,9 @@ def load_results(path: str | Path, metric: str = "final_val") -> Results:
     steps = _read_rows(root, names, trials, "steps", _STEPS_READ)
     steps = steps.sort_values(["tix", "step"], kind="stable").reset_index(drop=True)
     coord = _read_rows(root, names, trials, "coord", _COORD_READ)
+    # Sorted like steps, so that the frames do not depend on how the store lays out its files
+    # (one per trial, or compacted parts).
+    coord = coord.sort_values(["tix", "step", "layer_index"], kind="stable").reset_index(drop=True)
 
     trials["log2_lr"] = np.log2(trials["lr"].astype(float))
     _figure_of_merit(trials, steps, metric, notes)

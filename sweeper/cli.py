@@ -384,6 +384,30 @@ def analyze(
 
 
 @app.command()
+def compact(
+    results: Annotated[
+        Path, typer.Argument(help="A sweep's results folder, or a results root holding several.")
+    ],
+    part_mb: Annotated[
+        int,
+        typer.Option(
+            "--part-mb", min=1, help="Merge about this many MB of per-trial files into each part."
+        ),
+    ] = 256,
+) -> None:
+    """Merge finished trials' files into a few large ones (faster reads); upgrade older files."""
+    from sweeper.compact import CompactError, compact_path
+    from sweeper.store import StoreError, StoreLocked
+
+    try:
+        done = compact_path(results, part_bytes=part_mb * 2**20)
+    except (CompactError, StoreLocked, StoreError) as err:
+        _fail(str(err))
+    for result in done:
+        console.print(result.summary())
+
+
+@app.command()
 def schema() -> None:
     """Print the store's tables, column by column."""
     from sweeper.store import COLUMN_DOCS, STORE_VERSION

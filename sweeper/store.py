@@ -6,14 +6,32 @@ Layout of one sweep, under `<results>/<name>/`:
     trials/<trial_id>.parquet    one row per trial (TRIALS below)
     steps/<trial_id>.parquet     one row per trial and log step (STEPS below)
     coord/<trial_id>.parquet     coord-check rows, only for trials that asked for them (COORD)
+    <table>/part-<id>.parquet    many finished trials' rows, merged by `sweep compact`
 
 Every file is written under a temporary name in `.incoming/` and renamed into place, steps and
-coord before trials: a trial exists when, and only when, its `trials/` file does, and then all
-of its rows do. A glob such as `trials/*.parquet` (pandas, pyarrow, DuckDB) sees whole files
-only. One controller at a time runs a sweep: it holds the lock `.lock` (see `Store.lock`).
+coord before trials: a trial exists when, and only when, its row in `trials/` does, and then all
+of its rows do. A glob such as `trials/*.parquet` (pandas, pyarrow, DuckDB, polars) sees whole
+files only. One controller at a time runs a sweep or a compaction: it holds the lock `.lock`
+(see `Store.lock`).
+
+A trial's rows live in one place: its own files (`<table>/<trial_id>.parquet`), or one compacted
+group (`<table>/part-<id>.parquet`, the same id in every table). Only finished trials (completed
+or diverged) are compacted, and a sweep never writes a finished trial again, so a trial is in a
+part or in its own files, never both. Should it be in both anyway (someone called `write_trial`
+for a compacted trial), its own file is the newer write and wins in every read of this module,
+and the next compaction drops the older copy from the part. A compaction is one transaction,
+journalled in `.incoming/compact-<id>/` (see `Store.replace_with_part`): a crash at any point
+leaves every trial readable exactly once through this module (a plain glob may miss some, never
+see one twice), and the next `prepare` or `compact` finishes it.
 
 A file that cannot be read (cut short, overwritten) is skipped with a warning naming it
-(`DamagedFileWarning`); its trial counts as not stored, so the next run trains it again.
+(`DamagedFileWarning`); its trials count as not stored, so the next run trains them again (a
+damaged compacted group is first set aside in `damaged/`, so that the re-run duplicates nothing).
+
+Versions: STORE_HISTORY says what each version added. Files of an older version lack the columns
+added since; `Store.read` fills them with nulls, and `prepare` and `compact` rewrite such files
+in place with the new columns added as nulls (every stored value kept), so that a store a sweep
+has touched holds files of one schema and any Parquet reader sees every column.
 
 This module needs pyarrow only (no torch, no Ray), so `analysis` can use it on a laptop.
 """
@@ -36,11 +54,42 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+
+# What each version of the store added. Files keep the version that wrote them in their footer
+# (`sweeper_store_version`) and in the trials column `store_version`; every reader in this
+# package handles every version below. The README's "Store versions" list is this one.
+STORE_HISTORY: dict[int, str] = {
+    1: "tables trials, steps and coord, one file per trial and table",
+    2: (
+        "trials: grad_accum (also written, already, by the last code that called itself "
+        "version 1: a version-1 file may or may not have it) and the provenance columns "
+        "sweeper_version, torch_version, ray_version, python_version, cpu_model, gpu_name, "
+        "git_commit, git_dirty; compacted files <table>/part-<id>.parquet (`sweep compact`), "
+        "which versions before 2 do not understand"
+    ),
+}
+
+# What the trainer's process records about itself (sweeper.train.provenance).
+PROVENANCE_COLUMNS = (
+    "sweeper_version",
+    "torch_version",
+    "ray_version",
+    "python_version",
+    "cpu_model",
+    "gpu_name",
+    "git_commit",
+    "git_dirty",
+)
+# The columns each version added, per table: a file of an older version lacks them.
+ADDED_COLUMNS: dict[int, dict[str, tuple[str, ...]]] = {
+    2: {"trials": ("grad_accum", *PROVENANCE_COLUMNS)},
+}
 
 # (column, arrow type, meaning and unit). The README's schema section is this table.
 TRIALS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
@@ -97,6 +146,18 @@ TRIALS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("train_time_s", pa.float64(), "seconds spent in training steps"),
     ("device", pa.string(), "where it ran, e.g. cpu or cuda:NVIDIA H100"),
     ("host", pa.string(), "machine name"),
+    ("sweeper_version", pa.string(), "version of sweeper that trained the trial"),
+    ("torch_version", pa.string(), "version of torch that trained the trial"),
+    ("ray_version", pa.string(), "version of Ray installed beside it (null: none)"),
+    ("python_version", pa.string(), "version of Python that ran the trial"),
+    ("cpu_model", pa.string(), "the machine's CPU model"),
+    ("gpu_name", pa.string(), "the GPU the trial ran on (null on CPU)"),
+    (
+        "git_commit",
+        pa.string(),
+        "git commit of the sweeper checkout that ran (null: not a git checkout)",
+    ),
+    ("git_dirty", pa.bool_(), "that checkout's sweeper/ folder had uncommitted changes"),
     ("started_at", pa.timestamp("us", tz="UTC"), "start time"),
     ("finished_at", pa.timestamp("us", tz="UTC"), "end time"),
     ("error", pa.string(), "why it failed or diverged (null when completed)"),
@@ -144,13 +205,39 @@ COORD_SCHEMA = _schema(COORD_COLUMNS)
 TABLES = {"trials": TRIALS_SCHEMA, "steps": STEPS_SCHEMA, "coord": COORD_SCHEMA}
 COLUMN_DOCS = {"trials": TRIALS_COLUMNS, "steps": STEPS_COLUMNS, "coord": COORD_COLUMNS}
 
+
+def version_schema(table: str, version: int) -> pa.Schema:
+    """The schema a file of `table` written by store version `version` has (at most)."""
+    if not 1 <= version <= STORE_VERSION:
+        raise ValueError(f"store versions are 1..{STORE_VERSION}, got {version}")
+    later = {c for v, added in ADDED_COLUMNS.items() if v > version for c in added.get(table, ())}
+    schema = TABLES[table]
+    fields = [f for f in schema if f.name not in later]
+    return pa.schema(fields, metadata={"sweeper_store_version": str(version)})
+
+
 STATUSES = ("completed", "diverged", "failed")
 
-# The only names the store writes in its table folders: a trial's file and a temporary file.
+# The only names the store writes in its table folders: a trial's file, a compacted part, and
+# (before version 2) a temporary file.
 _TRIAL_FILE = re.compile(r"[0-9a-f]{16}\.parquet")
+_PART_FILE = re.compile(r"part-[0-9a-f]{32}\.parquet")
 _TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{32}\.parquet")
+# A compaction's journal: .incoming/compact-<id>/ holds the new part of each table and, once
+# committed, COMMIT.json (what the part replaces).
+_GROUP_DIR = re.compile(r"compact-([0-9a-f]{32})")
+_COMMIT = "COMMIT.json"
+_COMMIT_TMP = ".COMMIT.tmp"
 _INCOMING = ".incoming"
+_DAMAGED = "damaged"
 _LOCK = ".lock"
+# The steps and coord parts are written before the trials part (a trial exists when its trials
+# row does, and then all its rows do).
+_MOVE_ORDER = ("steps", "coord", "trials")
+# A part's row groups: large enough for fast scans, small enough to skip by trial_id statistics.
+_PART_ROW_GROUP = 128 * 1024
+# Reads retried when a file vanished under them (a compaction finishing in another process).
+_READ_ATTEMPTS = 3
 
 
 class StoreError(OSError):
@@ -179,6 +266,17 @@ class TrialResult:
     summary: dict[str, Any] = field(default_factory=dict)  # TRIALS columns beyond the spec's
     steps: list[dict[str, Any]] = field(default_factory=list)  # STEPS rows without trial_id
     coord: list[dict[str, Any]] = field(default_factory=list)  # COORD rows without trial_id
+    # PROVENANCE_COLUMNS: what ran the trial (sweeper.train.provenance); empty -> nulls
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    """What `Store.maintain` did."""
+
+    compactions_finished: int = 0  # interrupted compactions completed (or undone if uncommitted)
+    set_aside: tuple[str, ...] = ()  # damaged compacted files moved to damaged/
+    upgraded: int = 0  # files of older versions rewritten with the current schema
 
 
 def _now() -> datetime:
@@ -205,13 +303,42 @@ def trial_row(spec: Any, result: TrialResult) -> dict[str, Any]:
     unknown = set(result.summary) - set(row)
     if unknown:
         raise ValueError(f"summary has fields the store does not know: {sorted(unknown)}")
+    unknown = set(result.provenance) - set(PROVENANCE_COLUMNS)
+    if unknown:
+        raise ValueError(f"provenance has fields the store does not know: {sorted(unknown)}")
     row.update(result.summary)
+    row.update(result.provenance)
     if result.status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {result.status!r}")
     for key in ("started_at", "finished_at"):
         if row[key] is None:
             row[key] = _now()
     return row
+
+
+@dataclass
+class _Group:
+    """A committed compaction, finished or not: its part replaces the files in `replaces`."""
+
+    folder: str  # .incoming/compact-<id>, where its parts wait until moved into place
+    part: str  # part-<id>: the parts' name (without .parquet) in every table folder
+    tables: tuple[str, ...]  # the tables it has a part in
+    replaces: tuple[str, ...]  # paths relative to the store, trials files first
+
+
+@dataclass
+class _View:
+    """Which files hold the store's rows at one moment.
+
+    own: table -> {file name less .parquet: path} for files other than parts, that is, trials'
+        own files (named by trial id) and anything else found there (read as it is).
+    parts: table -> {part name: path}; the path is in `.incoming/compact-<id>/` for a committed
+        compaction that has not moved it into place yet.
+    """
+
+    own: dict[str, dict[str, str]]
+    parts: dict[str, dict[str, str]]
+    sizes: dict[str, int]  # bytes of each listed file
 
 
 class Store:
@@ -232,8 +359,42 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.path!r})"
 
+    @property
+    def is_local(self) -> bool:
+        """On a local (or mounted) file system: the only kind with a lock, hence compaction."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
     def _dir(self, table: str) -> str:
         return f"{self.path}/{table}"
+
+    def _rel(self, path: str) -> str:
+        return path.removeprefix(f"{self.path}/")
+
+    # Every change of a name in the store goes through these three, so that tests can stop a
+    # compaction between any two of them (as a crash would).
+    def _move(self, src: str, dst: str) -> None:
+        self.fs.move(src, dst)
+
+    def _delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(path)
+
+    def _remove_folder(self, path: str) -> None:
+        self.fs.delete_dir(path)
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    def _sync(self, path: str) -> None:
+        """Make `path` (a file, or a folder's entries) durable before a later step relies on
+        it: a power cut after a compaction deleted trials' own files must find their part."""
+        if not self.is_local:
+            return  # object stores make a write durable before they acknowledge it
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _write_atomic(self, table: str, file_name: str, tbl: pa.Table) -> None:
         directory, incoming = self._dir(table), f"{self.path}/{_INCOMING}"
@@ -242,7 +403,7 @@ class Store:
             self.fs.create_dir(directory, recursive=True)
             self.fs.create_dir(incoming, recursive=True)
             pq.write_table(tbl, tmp, filesystem=self.fs)
-            self.fs.move(tmp, f"{directory}/{file_name}")
+            self._move(tmp, f"{directory}/{file_name}")
         except OSError as err:  # pyarrow's errors are OSErrors too
             with contextlib.suppress(OSError):  # a torn temporary file only takes space
                 self.fs.delete_file(tmp)
@@ -253,7 +414,7 @@ class Store:
     def check_usable(self) -> None:
         """Raise StoreError, writing nothing, when the store's folder cannot be made or written:
         a file where a folder should be, or a folder this user cannot write."""
-        if not isinstance(self.fs, pafs.LocalFileSystem):
+        if not self.is_local:
             return  # object stores answer only when written to
         path = Path(self.path)
         nearest = next(p for p in [path, *path.parents] if p.exists())
@@ -264,25 +425,11 @@ class Store:
                 raise StoreError(f"cannot write to {folder}: it is read-only for this user")
 
     def prepare(self, grid_text: str | None = None) -> None:
-        """Create the folder, drop what an interrupted run left half-written, keep the grid file.
+        """Create the folder, put the store in order (`maintain`), keep the grid file.
 
-        Call while holding `lock()`, before starting trials. Only names the store itself writes
-        are removed (temporary files, and rows of trials whose `trials/` file never came), so a
-        file someone else put here is never touched.
+        Call while holding `lock()`, before starting trials.
         """
-        self.fs.create_dir(self.path, recursive=True)
-        stored = {f"{i}.parquet" for i in self.trial_ids()}
-        for table in TABLES:
-            for info in self._files(table, include_hidden=True):
-                name = info.base_name
-                if _TEMP_FILE.fullmatch(name) or (
-                    table != "trials" and _TRIAL_FILE.fullmatch(name) and name not in stored
-                ):
-                    self.fs.delete_file(info.path)
-        incoming = pafs.FileSelector(f"{self.path}/{_INCOMING}", allow_not_found=True)
-        for info in self.fs.get_file_info(incoming):
-            if _TEMP_FILE.fullmatch(info.base_name):
-                self.fs.delete_file(info.path)
+        self.maintain()
         if grid_text is not None:
             digest = hashlib.sha256(grid_text.encode()).hexdigest()[:12]
             self.fs.create_dir(f"{self.path}/grid-history", recursive=True)
@@ -290,9 +437,76 @@ class Store:
                 with self.fs.open_output_stream(target) as out:
                     out.write(grid_text.encode())
 
+    def maintain(self, upgrade: bool = True) -> Maintenance:
+        """Put the store in order, in this order; call while holding `lock()`.
+
+        1. Finish a compaction that a crash interrupted (or undo one that had not committed).
+        2. Drop what an interrupted run left half-written: temporary files, and the steps and
+           coord files of trials whose own `trials/` file never came. Only names the store
+           itself writes are removed, so a file someone else put here is never touched.
+        3. Move compacted groups whose trials or steps part cannot be read to `damaged/`: their
+           trials count as not stored (`finished_ids`), and the re-run must not find the
+           readable half of the group beside its new rows.
+        4. Rewrite files of older store versions with the current schema (`upgrade`; left
+           to the caller with `upgrade=False`: a compaction rewrites most of them anyway).
+        """
+        try:
+            self.fs.create_dir(self.path, recursive=True)
+            finished = self._finish_compactions()
+            self._drop_leftovers()
+            set_aside = self._set_aside_damaged_parts()
+            upgraded = self.upgrade() if upgrade else 0
+        except StoreError:
+            raise
+        except OSError as err:
+            raise StoreError(f"cannot write to the store {self.path}: {_reason(err)}") from err
+        return Maintenance(finished, set_aside, upgraded)
+
+    def _drop_leftovers(self) -> None:
+        own_trials = {
+            f.base_name for f in self._files("trials") if _TRIAL_FILE.fullmatch(f.base_name)
+        }
+        for table in TABLES:
+            for info in self._files(table, include_hidden=True):
+                name = info.base_name
+                if _TEMP_FILE.fullmatch(name) or (
+                    table != "trials" and _TRIAL_FILE.fullmatch(name) and name not in own_trials
+                ):
+                    self._delete(info.path)
+        incoming = pafs.FileSelector(f"{self.path}/{_INCOMING}", allow_not_found=True)
+        for info in self.fs.get_file_info(incoming):
+            if _TEMP_FILE.fullmatch(info.base_name):
+                self._delete(info.path)
+
+    def upgrade(self) -> int:
+        """Rewrite every file of an older version with the current schema, in place and
+        atomically: every value kept (`store_version` included: it says which code wrote the
+        row), the columns added since as nulls. Returns how many files were rewritten.
+
+        Call while holding `lock()`. Only the tables that gained columns are looked at (one
+        footer read per file), and only files the store names (a trial's, a part): a user's
+        own file, a damaged file, or one of a newer version (more columns) is left as it is.
+        """
+        rewritten = 0
+        for table in sorted({t for added in ADDED_COLUMNS.values() for t in added}):
+            schema = TABLES[table]
+            for info in self._files(table):
+                name = info.base_name
+                if not (_TRIAL_FILE.fullmatch(name) or _PART_FILE.fullmatch(name)):
+                    continue
+                try:
+                    if not _needs_upgrade(pq.read_schema(info.path, filesystem=self.fs), schema):
+                        continue
+                    tbl = pq.read_table(info.path, filesystem=self.fs)
+                except (OSError, pa.ArrowException):
+                    continue  # damaged: the readers name it
+                self._write_atomic(table, name, _conform(tbl, schema))
+                rewritten += 1
+        return rewritten
+
     def holder(self) -> str | None:
         """Who holds `lock()` now, in words, or None. Writes nothing."""
-        if not isinstance(self.fs, pafs.LocalFileSystem):
+        if not self.is_local:
             return None
         import fcntl
 
@@ -317,7 +531,7 @@ class Store:
         SIGKILL: a killed controller's lock is simply taken over. The file itself stays (empty
         between runs) and says who holds it. Stores on object storage have no lock.
         """
-        if not isinstance(self.fs, pafs.LocalFileSystem):
+        if not self.is_local:
             yield
             return
         import fcntl
@@ -350,7 +564,13 @@ class Store:
             os.close(fd)
 
     def write_trial(self, spec: Any, result: TrialResult) -> None:
-        """Store one trial atomically; a trial stored before under the same id is replaced."""
+        """Store one trial atomically; a trial stored before under the same id is replaced.
+
+        A sweep only ever writes trials that are not finished, which are never in a compacted
+        part. Should a compacted trial be written again anyway, its new files win in every
+        read of this module and the next compaction drops the part's copy; plain Parquet
+        readers see both copies until then.
+        """
         tid = spec.trial_id
         row = trial_row(spec, result)
         steps = [{"trial_id": tid, **r} for r in result.steps]
@@ -359,6 +579,196 @@ class Store:
         if coord:
             self._write_atomic("coord", f"{tid}.parquet", pa.Table.from_pylist(coord, COORD_SCHEMA))
         self._write_atomic("trials", f"{tid}.parquet", pa.Table.from_pylist([row], TRIALS_SCHEMA))
+
+    # ----------------------------------------------------------------------- compaction
+
+    def replace_with_part(self, tables: dict[str, pa.Table], replaces: list[str]) -> str | None:
+        """One transaction: write `tables` as a compacted group (`<table>/part-<id>.parquet`,
+        one id for all) and delete the files `replaces` (paths relative to the store). Returns
+        the part's name, or None when `tables` is empty (then it only deletes). Call while
+        holding `lock()`; `sweeper.compact` decides what goes in.
+
+        1. The parts are written to `.incoming/compact-<id>/` and synced; nothing visible
+           changed yet, and a crash here leaves only that folder, which `maintain` removes.
+        2. COMMIT.json (what the group replaces) is written under a temporary name and renamed:
+           the commit point. From here the readers of this module see the group in place of
+           what it replaces, and `maintain` finishes it after a crash.
+        3. The replaced files are deleted (trials files first), then the parts are moved into
+           the table folders (steps and coord before trials), then the journal goes.
+
+        Step 3 deletes before it moves on purpose. A reader that globs `trials/*.parquet`
+        meanwhile sees fewer trials than are stored, as it would in the middle of a sweep;
+        moving first would show it the same trials twice, which no reader can tell from
+        data, and which would bias every count and mean taken across trials.
+        """
+        gid = uuid.uuid4().hex
+        part = f"part-{gid}"
+        incoming = f"{self.path}/{_INCOMING}"
+        folder = f"{incoming}/compact-{gid}"
+        order = {"trials": 0, "steps": 1, "coord": 2}
+        replaces = sorted(replaces, key=lambda rel: (order.get(rel.split("/", 1)[0], 3), rel))
+        try:
+            self.fs.create_dir(folder, recursive=True)
+            for table, tbl in tables.items():
+                staged, tmp = (
+                    f"{folder}/{table}.parquet",
+                    f"{folder}/.tmp-{uuid.uuid4().hex}.parquet",
+                )
+                pq.write_table(
+                    _conform(tbl, TABLES[table]),
+                    tmp,
+                    filesystem=self.fs,
+                    row_group_size=_PART_ROW_GROUP,
+                )
+                self._move(tmp, staged)
+                self._sync(staged)
+                written = pq.read_metadata(staged, filesystem=self.fs).num_rows
+                if written != tbl.num_rows:  # never delete what the part would not hold
+                    raise OSError(f"{table} part holds {written} rows, expected {tbl.num_rows}")
+            journal = {
+                "store_version": STORE_VERSION,
+                "part": part,
+                "tables": [t for t in _MOVE_ORDER if t in tables],
+                "replaces": replaces,
+            }
+            with self.fs.open_output_stream(f"{folder}/{_COMMIT_TMP}") as out:
+                out.write(json.dumps(journal, indent=0).encode())
+            self._sync(f"{folder}/{_COMMIT_TMP}")
+            self._move(f"{folder}/{_COMMIT_TMP}", f"{folder}/{_COMMIT}")  # the commit point
+            self._sync(folder)
+            self._sync(incoming)
+        except OSError as err:
+            # Nothing outside the folder has changed, even if the commit rename went through.
+            with contextlib.suppress(OSError):
+                self._discard_staging(folder)
+            raise StoreError(f"cannot write to the store {self.path}: {_reason(err)}") from err
+        group = _Group(folder, part, tuple(journal["tables"]), tuple(replaces))
+        try:
+            self._roll_forward(group)
+        except OSError as err:
+            raise StoreError(
+                f"a compaction of {self.path} stopped half-way ({_reason(err)}); nothing is "
+                "lost: the next `sweep compact` or `sweep run` finishes it"
+            ) from err
+        return part if tables else None
+
+    def _groups(self, strict: bool) -> list[_Group]:
+        """The committed compactions still in `.incoming/` (normally none).
+
+        A journal that cannot be read is an error when `strict` (maintenance must not guess
+        whether its deletes began) and is ignored with a warning otherwise (readers).
+        """
+        selector = pafs.FileSelector(f"{self.path}/{_INCOMING}", allow_not_found=True)
+        groups = []
+        for info in self.fs.get_file_info(selector):
+            match = _GROUP_DIR.fullmatch(info.base_name)
+            if info.type != pafs.FileType.Directory or not match:
+                continue
+            path = f"{info.path}/{_COMMIT}"
+            try:
+                with self.fs.open_input_stream(path) as src:
+                    journal = json.loads(src.read())
+                tables = tuple(journal["tables"])
+                replaces = tuple(journal["replaces"])
+            except FileNotFoundError:
+                continue  # not committed: invisible
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                message = f"cannot read the compaction journal {self._rel(path)}: {err}"
+                if strict:
+                    raise StoreError(f"{message}; move it away by hand to go on") from err
+                warnings.warn(message, DamagedFileWarning, stacklevel=3)
+                continue
+            groups.append(_Group(info.path, f"part-{match.group(1)}", tables, replaces))
+        return groups
+
+    def _finish_compactions(self) -> int:
+        """Finish each committed compaction left in `.incoming/`; remove uncommitted ones."""
+        selector = pafs.FileSelector(f"{self.path}/{_INCOMING}", allow_not_found=True)
+        staged = [
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.Directory and _GROUP_DIR.fullmatch(info.base_name)
+        ]
+        committed = {g.folder: g for g in self._groups(strict=True)}
+        for folder in staged:
+            if folder in committed:
+                self._roll_forward(committed[folder])
+            else:
+                self._discard_staging(folder)
+        return len(staged)
+
+    def _roll_forward(self, group: _Group) -> None:
+        """Step 3 of `replace_with_part`; every step can be repeated, so a crash anywhere in it
+        is finished by running it again."""
+        for rel in group.replaces:
+            self._delete(f"{self.path}/{rel}")
+        for table in _MOVE_ORDER:
+            staged = f"{group.folder}/{table}.parquet"
+            if table in group.tables and self._exists(staged):
+                self.fs.create_dir(self._dir(table), recursive=True)
+                self._move(staged, f"{self._dir(table)}/{group.part}.parquet")
+        for table in _MOVE_ORDER:  # the moves durable before the journal goes
+            if self._exists(self._dir(table)):
+                self._sync(self._dir(table))
+        self._delete(f"{group.folder}/{_COMMIT}")
+        self._remove_folder(group.folder)
+
+    def _discard_staging(self, folder: str) -> None:
+        """Remove an uncommitted compaction's folder: only names a compaction writes there."""
+        mine = {f"{t}.parquet" for t in TABLES} | {_COMMIT_TMP}
+        selector = pafs.FileSelector(folder, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.base_name in mine or _TEMP_FILE.fullmatch(info.base_name):
+                self._delete(info.path)
+        if not self.fs.get_file_info(selector):
+            self._remove_folder(folder)
+
+    def _set_aside_damaged_parts(self) -> tuple[str, ...]:
+        """Move each compacted group whose trials or steps part is missing or unreadable to
+        `damaged/<part>/` (see `maintain`); returns the files moved, relative to the store."""
+        names = {
+            f.base_name.removesuffix(".parquet")
+            for table in TABLES
+            for f in self._files(table)
+            if _PART_FILE.fullmatch(f.base_name)
+        }
+        moved: list[str] = []
+        for part in sorted(names):
+            trials = f"{self._dir('trials')}/{part}.parquet"
+            steps = f"{self._dir('steps')}/{part}.parquet"
+            if self._rows_readable(trials) and self._footer_readable(steps):
+                continue
+            self.fs.create_dir(f"{self.path}/{_DAMAGED}/{part}", recursive=True)
+            for table in TABLES:
+                path = f"{self._dir(table)}/{part}.parquet"
+                if self._exists(path):
+                    self._move(path, f"{self.path}/{_DAMAGED}/{part}/{table}.parquet")
+                    moved.append(f"{table}/{part}.parquet")
+        if moved:
+            warnings.warn(
+                _damaged_message(moved) + f"; set aside in {self.path}/{_DAMAGED}/, their "
+                "trials will run again",
+                DamagedFileWarning,
+                stacklevel=3,
+            )
+        return tuple(moved)
+
+    def _rows_readable(self, path: str) -> bool:
+        """The trials columns that `finished_ids` reads can be read from `path`."""
+        try:
+            self._scan([path], TRIALS_SCHEMA, ["trial_id", "status"])
+            return True
+        except (OSError, pa.ArrowException):
+            return False
+
+    def _footer_readable(self, path: str | None) -> bool:
+        if path is None:
+            return False
+        try:
+            pq.read_metadata(path, filesystem=self.fs)
+            return True
+        except (OSError, pa.ArrowException):
+            return False
 
     # ----------------------------------------------------------------------- reading
 
@@ -371,9 +781,42 @@ class Store:
             and (include_hidden or not f.base_name.startswith((".", "_")))
         ]
 
+    def _view(self) -> _View:
+        """The files holding the store's rows now (see `_View`).
+
+        The journals are listed before the table folders: a compaction that finishes in
+        between then shows its parts in the folders (and its replaced files are gone, or
+        left out by the journal), never neither. What moved after the listing makes a read
+        fail with "not found", and `_read` then starts again.
+        """
+        groups = self._groups(strict=False)
+        replaced = {f"{self.path}/{rel}" for g in groups for rel in g.replaces}
+        view = _View({}, {}, {})
+        for table in TABLES:
+            own, parts = view.own.setdefault(table, {}), view.parts.setdefault(table, {})
+            for info in self._files(table):
+                if info.path in replaced:
+                    continue
+                name = info.base_name.removesuffix(".parquet")
+                (parts if _PART_FILE.fullmatch(info.base_name) else own)[name] = info.path
+                view.sizes[info.path] = info.size
+            for g in groups:
+                if table in g.tables and g.part not in parts:
+                    parts[g.part] = f"{g.folder}/{table}.parquet"
+        return view
+
+    def _part_ids(self, view: _View) -> set[str]:
+        """Trial ids held by the trials parts (damaged ones left out)."""
+        if not view.parts["trials"]:
+            return set()
+        tbl, _, _ = self._scan_files(list(view.parts["trials"].values()), "trials", ["trial_id"])
+        return set(tbl["trial_id"].to_pylist())
+
     def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
         """A whole table (empty, with the right columns, when nothing is stored yet).
 
+        Every column of the current version, whatever version wrote each file (the columns
+        it lacks are null). Each trial's rows once, wherever they are (own files or a part).
         Files that cannot be read are left out with one DamagedFileWarning naming them.
         """
         tbl, damaged = self._read(table, columns)
@@ -382,57 +825,90 @@ class Store:
         return tbl
 
     def _read(self, table: str, columns: list[str] | None) -> tuple[pa.Table, list[str]]:
+        for _ in range(_READ_ATTEMPTS):
+            tbl, damaged, vanished = self._read_view(self._view(), table, columns)
+            if not vanished:
+                break
+        return tbl, damaged
+
+    def _read_view(
+        self, view: _View, table: str, columns: list[str] | None, source: bool = False
+    ) -> tuple[pa.Table, list[str], bool]:
+        """(rows, damaged files, whether a file vanished meanwhile). With `source`, a last
+        column `__filename` says which file each row came from."""
+        want = list(columns) if columns is not None else TABLES[table].names
+        extra = ["__filename"] if source else []
+        own_ids = set(view.own["trials"])
+        own = view.own[table]
+        parts = list(view.parts[table].values())
+        if parts and table != "trials" and any(name not in own_ids for name in own):
+            # Steps or coord files of a trial with no trials file of its own: a crashed write
+            # (kept, as before compaction existed), or a stale copy of a compacted trial,
+            # whose rows the part holds: left out.
+            compacted = self._part_ids(view)
+            own = {n: p for n, p in own.items() if n in own_ids or n not in compacted}
+        pieces, damaged, vanished = [], [], False
+        if own:
+            tbl, bad, gone = self._scan_files(list(own.values()), table, want + extra)
+            pieces.append(tbl)
+            damaged += bad
+            vanished |= gone
+        if parts:
+            # A trial with files of its own is newer than its copy in a part (see write_trial):
+            # the part's rows of it are left out.
+            cols = want + extra + ([] if "trial_id" in want or not own_ids else ["trial_id"])
+            tbl, bad, gone = self._scan_files(parts, table, cols)
+            if own_ids and tbl.num_rows:
+                newer = pc.is_in(tbl["trial_id"], pa.array(sorted(own_ids), pa.string()))
+                tbl = tbl.filter(pc.invert(newer))
+            pieces.append(tbl.select(want + extra))
+            damaged += bad
+            vanished |= gone
+        if not pieces:
+            return _empty(TABLES[table], want + extra), damaged, vanished
+        return pa.concat_tables(pieces), damaged, vanished
+
+    def _scan_files(
+        self, files: list[str], table: str, columns: list[str]
+    ) -> tuple[pa.Table, list[str], bool]:
+        """Read `files`; (rows, damaged files, whether a file vanished meanwhile)."""
         schema = TABLES[table]
-        files = [f.path for f in self._files(table)]
-        if not files:
-            empty = schema.empty_table()
-            return (empty if columns is None else empty.select(columns)), []
         try:  # the usual case, all files whole: one dataset scan
-            return self._scan(files, schema, columns), []
+            return self._scan(files, schema, columns), [], False
         except (OSError, pa.ArrowException):
             pass
-        good, damaged = [], []
+        good, damaged, vanished = [], [], False
         for path in files:
             try:
                 good.append(self._scan([path], schema, columns))
             except (OSError, pa.ArrowException):
-                damaged.append(f"{table}/{path.rsplit('/', 1)[-1]}")
+                if self._exists(path):
+                    damaged.append(self._rel(path))
+                else:
+                    vanished = True
         if not good:
-            empty = schema.empty_table()
-            return (empty if columns is None else empty.select(columns)), damaged
-        return pa.concat_tables(good), damaged
+            return _empty(schema, columns), damaged, vanished
+        return pa.concat_tables(good), damaged, vanished
 
     def _scan(self, files: list[str], schema: pa.Schema, columns: list[str] | None) -> pa.Table:
         dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=self.fs)
         return dataset.to_table(columns=columns)
 
     def trial_ids(self) -> set[str]:
-        return {f.base_name.removesuffix(".parquet") for f in self._files("trials")}
+        """Every stored trial, whatever its status (names only: no file is read but parts)."""
+        view = self._view()
+        return set(view.own["trials"]) | self._part_ids(view)
 
     def finished_ids(self) -> set[str]:
         """Trials that need not run again: completed or diverged (failed ones are retried).
 
         A trial whose trials or steps file is damaged is not finished: it runs again and its
-        files are replaced.
+        files are replaced (a damaged compacted group is set aside first, see `maintain`).
         """
-        tbl, damaged = self._read("trials", ["trial_id", "status"])
-        finished = {
-            tid
-            for tid, status in zip(
-                tbl["trial_id"].to_pylist(), tbl["status"].to_pylist(), strict=True
-            )
-            if status != "failed"
-        }
-        steps = {f.base_name: f.path for f in self._files("steps")}
-        for tid in sorted(finished):
-            path = steps.get(f"{tid}.parquet")
-            try:
-                if path is None:
-                    raise OSError("missing")
-                pq.read_metadata(path, filesystem=self.fs)
-            except (OSError, pa.ArrowException):
-                damaged.append(f"steps/{tid}.parquet")
-                finished.discard(tid)
+        for _ in range(_READ_ATTEMPTS):
+            finished, damaged, vanished = self._finished(self._view())
+            if not vanished:
+                break
         if damaged:
             warnings.warn(
                 _damaged_message(damaged) + "; their trials will run again",
@@ -440,6 +916,60 @@ class Store:
                 stacklevel=2,
             )
         return finished
+
+    def _finished(self, view: _View) -> tuple[set[str], list[str], bool]:
+        tbl, damaged, vanished = self._read_view(
+            view, "trials", ["trial_id", "status"], source=True
+        )
+        part_of = {path: name for name, path in view.parts["trials"].items()}
+        # the steps file each finished trial needs: its own, or its group's part
+        need: dict[str, tuple[str | None, str]] = {}
+        for tid, status, src in zip(*(tbl[c].to_pylist() for c in tbl.column_names), strict=True):
+            if status == "failed":
+                continue
+            part = part_of.get(src)
+            if part is None:
+                need[tid] = (view.own["steps"].get(tid), f"steps/{tid}.parquet")
+            else:
+                need[tid] = (view.parts["steps"].get(part), f"steps/{part}.parquet")
+        checked: dict[str | None, bool] = {}
+        finished = set()
+        for tid in sorted(need):
+            path, label = need[tid]
+            if path not in checked:
+                checked[path] = self._footer_readable(path)
+                if not checked[path]:
+                    if path is not None and not self._exists(path):
+                        vanished = True
+                    damaged.append(label)
+            if checked[path]:
+                finished.add(tid)
+        return finished, damaged, vanished
+
+
+def _needs_upgrade(have: pa.Schema, schema: pa.Schema) -> bool:
+    """A file of an older version: some current columns missing, none unknown (a file with
+    columns this version does not know was written by a newer one, and is left alone)."""
+    if any(name not in schema.names for name in have.names):
+        return False
+    return any(name not in have.names for name in schema.names)
+
+
+def _conform(tbl: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`tbl` with exactly `schema`'s columns, in order: missing ones null, every value kept."""
+    columns = [
+        tbl[f.name].cast(f.type) if f.name in tbl.column_names else pa.nulls(len(tbl), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _empty(schema: pa.Schema, columns: list[str]) -> pa.Table:
+    fields = [
+        pa.field("__filename", pa.string()) if c == "__filename" else schema.field(c)
+        for c in columns
+    ]
+    return pa.schema(fields).empty_table()
 
 
 def _reason(err: OSError) -> str:

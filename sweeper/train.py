@@ -24,10 +24,15 @@ led to it; the step-0 row has the lr of the first update. With `coord_check = n`
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import math
+import platform
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -214,6 +219,88 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
+# --------------------------------------------------------------------------- provenance
+
+GIT_TIMEOUT_S = 2.0  # a git that hangs (a network file system, a lock) must not hold up a trial
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    """What ran a trial (store.PROVENANCE_COLUMNS): package versions, Python, CPU, GPU, and the
+    git commit of the sweeper code. None where unknown. Nothing here enters the trial id."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {**_process_provenance(), "gpu_name": gpu}
+
+
+@functools.cache
+def _process_provenance() -> dict[str, Any]:
+    # Once per process: a worker trains many trials, and git costs tens of milliseconds.
+    return {
+        # The running code's own version: an older sweeper installed beside a checkout that
+        # runs (PYTHONPATH) would make the distribution's metadata say the wrong one.
+        "sweeper_version": _sweeper_version(),
+        "torch_version": _version("torch"),
+        "ray_version": _version("ray"),  # what is installed: the trainer never imports Ray
+        "python_version": platform.python_version(),
+        "cpu_model": _cpu_model(),
+        **_git_state(Path(__file__).resolve().parent),
+    }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _sweeper_version() -> str:
+    from sweeper import __version__
+
+    return __version__
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):  # x86; ARM kernels often have no such line
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or None
+
+
+def _git_state(package: Path) -> dict[str, Any]:
+    """{git_commit, git_dirty} of the checkout `package` (sweeper/) is part of, or nulls.
+
+    Nulls too when `package` is not tracked by the repository around it: an installed copy
+    in a virtual environment inside some other checkout is not that checkout's code.
+    "Dirty" looks at the package's own folder only (tracked changes and new files): the code
+    that trained the trial, not the notebooks beside it.
+    """
+    unknown = {"git_commit": None, "git_dirty": None}
+    if not _git(package, "ls-files", "--", "__init__.py"):
+        return unknown
+    commit = _git(package, "rev-parse", "HEAD")
+    status = _git(package, "--no-optional-locks", "status", "--porcelain", "--", ".")
+    if not commit or status is None:
+        return unknown
+    return {"git_commit": commit.strip(), "git_dirty": bool(status.strip())}
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    """git's output, or None when git is missing, fails, or takes too long."""
+    try:
+        done = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
 def _nonfinite(x: float | None) -> bool:
     return x is not None and not math.isfinite(x)
 
@@ -298,7 +385,13 @@ def run_trial(spec: TrialSpec, sink: Callable[[Row], None] | None = None) -> Tri
         "finished_at": datetime.now(timezone.utc),
         "error": error,
     }
-    return TrialResult(status=status, summary=summary, steps=rows, coord=trainer.coord)
+    return TrialResult(
+        status=status,
+        summary=summary,
+        steps=rows,
+        coord=trainer.coord,
+        provenance=provenance(device),
+    )
 
 
 class _Trainer:

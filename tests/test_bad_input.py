@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -180,19 +179,27 @@ def test_many_errors_are_listed_up_to_a_cap(tmp_path, sweep_cli):
     assert len(stderr.strip().splitlines()) == 1 + MAX_LISTED_ERRORS + 1
 
 
+# Runs a command and prints its peak RSS in KiB. Linux keeps a process's peak across exec, so a
+# child forked straight from a big pytest process would report pytest's size: fork from this
+# small launcher instead.
+_LAUNCH = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=sys.stderr)\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "print(usage.ru_maxrss)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_measured(*args: str, cwd: Path) -> tuple[int, str, float, float]:
     """Run `sweep args`: exit code, stderr, wall seconds and the peak RSS in MB of that process."""
-    with open(os.devnull, "wb") as null, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([str(SWEEP), *args], cwd=cwd, stdout=null, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this one child
-        wall = time.perf_counter() - t0
-        # reaped here: tell Popen, or it would warn that its child is still running
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        stderr = err.read().decode()
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAUNCH, str(SWEEP), *args], cwd=cwd, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t0
     scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, else KiB
-    return proc.returncode, stderr, wall, usage.ru_maxrss / scale
+    return proc.returncode, proc.stderr, wall, int(proc.stdout.split()[-1]) / scale
 
 
 @pytest.mark.skipif(not hasattr(os, "wait4"), reason="needs os.wait4")
