@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sweeper.spec import DataConfig
-from sweeper.store import Store
+from sweeper.store import NoStore, Store, find_stores
 
 from .errors import AnalysisError
 
@@ -101,7 +101,7 @@ class Results:
     coord: coord-check rows (tix, step, layer_index, layer, mean_abs).
     """
 
-    path: Path
+    path: str  # as given: a local path or a URI
     sweeps: list[str]
     metric: str
     trials: pd.DataFrame
@@ -124,21 +124,12 @@ class Results:
         return out
 
 
-def find_sweeps(path: str | Path) -> tuple[Path, list[str]]:
-    """(root, sweep names): a sweep's folder holds `trials/`; a results root holds such folders."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise AnalysisError(f"{p}: no such file or directory")
-    if not p.is_dir():
-        raise AnalysisError(f"{p}: not a folder (give a sweep's folder or a results root)")
-    if (p / "trials").is_dir():
-        return p.resolve().parent, [p.name]
-    names = sorted(d.name for d in p.iterdir() if (d / "trials").is_dir())
-    if not names:
-        raise AnalysisError(
-            f"{p}: no trials stored (expected {p}/trials/*.parquet or {p}/<sweep>/trials/)"
-        )
-    return p.resolve(), names
+def find_sweeps(path: str | Path) -> list[Store]:
+    """The sweeps at `path` (a local path or a URI): a sweep's folder, or a root holding several."""
+    try:
+        return find_stores(path)
+    except NoStore as err:
+        raise AnalysisError(str(err)) from None
 
 
 def _read(store: Store, table: str, columns: tuple[str, ...]) -> pa.Table:
@@ -149,18 +140,19 @@ def load_results(path: str | Path, metric: str = "final_val") -> Results:
     """Read the trials, steps and coord tables of every sweep under `path`."""
     if metric not in METRICS:
         raise AnalysisError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    root, names = find_sweeps(path)
+    stores = find_sweeps(path)
     notes: list[str] = []
 
     trial_tables, val_null = [], []
-    for name in names:
-        tbl = _read(Store(root, name), "trials", _TRIAL_READ)
+    for store in stores:
+        name = store.name
+        tbl = _read(store, "trials", _TRIAL_READ)
         # A stored null (never evaluated) is "missing"; NaN/inf is "diverged".
         val_null.append(pc.is_null(tbl["final_val_loss"]).to_numpy(zero_copy_only=False))
         trial_tables.append(tbl.append_column("_folder", pa.array([name] * len(tbl), pa.string())))
     trials_tbl = pa.concat_tables(trial_tables)
     if len(trials_tbl) == 0:
-        raise AnalysisError(f"{Path(path)}: no trials stored yet")
+        raise AnalysisError(f"{path}: no trials stored yet")
     config = _config_from_specs(trials_tbl["spec"].to_pylist())
     trials = trials_tbl.drop_columns(["spec"]).to_pandas()
     trials = pd.concat([trials, config], axis=1)
@@ -174,9 +166,9 @@ def load_results(path: str | Path, metric: str = "final_val") -> Results:
     trials = trials.sort_values(["_folder", "trial_id"]).reset_index(drop=True)
     trials["tix"] = np.arange(len(trials), dtype=np.int64)
 
-    steps = _read_rows(root, names, trials, "steps", _STEPS_READ)
+    steps = _read_rows(stores, trials, "steps", _STEPS_READ)
     steps = steps.sort_values(["tix", "step"], kind="stable").reset_index(drop=True)
-    coord = _read_rows(root, names, trials, "coord", _COORD_READ)
+    coord = _read_rows(stores, trials, "coord", _COORD_READ)
     # Sorted like steps, so that the frames do not depend on how the store lays out its files
     # (one per trial, or compacted parts).
     coord = coord.sort_values(["tix", "step", "layer_index"], kind="stable").reset_index(drop=True)
@@ -187,7 +179,9 @@ def load_results(path: str | Path, metric: str = "final_val") -> Results:
     varying = _varying_columns(trials[trials["usable"]] if trials["usable"].any() else trials)
     trials["label"] = _labels(trials, varying)
     trials = trials.drop(columns=["_val_null"])
-    return Results(root, names, metric, trials, steps, coord, varying, notes)
+    return Results(
+        str(path), [st.name for st in stores], metric, trials, steps, coord, varying, notes
+    )
 
 
 def _config_from_specs(specs: list[str | None]) -> pd.DataFrame:
@@ -213,13 +207,13 @@ def _config_from_specs(specs: list[str | None]) -> pd.DataFrame:
 
 
 def _read_rows(
-    root: Path, names: list[str], trials: pd.DataFrame, table: str, columns: tuple[str, ...]
+    stores: list[Store], trials: pd.DataFrame, table: str, columns: tuple[str, ...]
 ) -> pd.DataFrame:
     """Rows of `table` whose trial is in `trials` (matched per sweep folder), keyed by tix."""
     parts = []
-    for name in names:
-        mine = trials[trials["_folder"] == name]
-        tbl = _read(Store(root, name), table, columns)
+    for store in stores:
+        mine = trials[trials["_folder"] == store.name]
+        tbl = _read(store, table, columns)
         if len(tbl) == 0 or len(mine) == 0:
             continue
         # index_in matches in C; a Python dict over millions of ids would dominate loading.

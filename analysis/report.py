@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 from rich.console import Console
 from rich.table import Table
 
@@ -689,9 +690,10 @@ def write_report(
     predict_width: int | None = None,
     horizons: list[int] | None = None,
     tolerance: float | None = None,
-) -> Path:
+) -> Path | str:
     """Analyse the store at `results` and write report.html (self-contained), one PNG per
-    figure and fits.json into `out_dir` (default `<results>/report`). Returns report.html.
+    figure and fits.json into `out_dir` (default `<results>/report`). Returns report.html: a
+    Path, or a URI for a store on object storage (s3://...), where the report goes too.
 
     `horizons` are the token budgets at which norm transfer and the scaling laws read the
     runs (default: the planned budgets, plus 1/4 and 1/2 of the largest); `tolerance` is the
@@ -703,8 +705,18 @@ def write_report(
         horizons=horizons,
         tolerance=tolerance,
     )
-    out = Path(out_dir) if out_dir is not None else Path(results) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    where = str(out_dir) if out_dir is not None else f"{str(results).rstrip('/')}/report"
+    remote = "://" in where
+    if remote:  # next to a store on object storage, through the same file systems as the store
+        fs, out = pafs.FileSystem.from_uri(where)
+    else:
+        fs, out = pafs.LocalFileSystem(), str(Path(where).expanduser().resolve())
+    fs.create_dir(out, recursive=True)
+
+    def write(name: str, data: bytes) -> None:
+        with fs.open_output_stream(f"{out}/{name}") as stream:
+            stream.write(data)
+
     images: dict[str, bytes | None] = {}
     files: dict[str, str | None] = {}
     skipped: dict[str, str] = {}
@@ -713,18 +725,17 @@ def write_report(
         if fig is None:
             images[name], files[name] = None, None
             skipped[name] = FIGURE_NEEDS[name]
-            stale = out / f"{name}.png"
-            if stale.exists():  # a figure from an earlier report would now be misleading
-                stale.unlink()
+            stale = f"{out}/{name}.png"
+            if fs.get_file_info(stale).type == pafs.FileType.File:
+                fs.delete_file(stale)  # a figure from an earlier report would now mislead
             continue
         png = figure_png(fig)
-        (out / f"{name}.png").write_bytes(png)
+        write(f"{name}.png", png)
         images[name], files[name] = png, f"{name}.png"
     fits = build_fits(an, files)
-    (out / "fits.json").write_text(json.dumps(fits, indent=1, allow_nan=False) + "\n")
-    report = out / "report.html"
-    report.write_text(render_html(an, images, skipped), encoding="utf-8")
-    return report
+    write("fits.json", (json.dumps(fits, indent=1, allow_nan=False) + "\n").encode())
+    write("report.html", render_html(an, images, skipped).encode("utf-8"))
+    return f"{where.rstrip('/')}/report.html" if remote else Path(out) / "report.html"
 
 
 def print_summary(

@@ -210,7 +210,7 @@ def run(
         finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
         console.print(_cells_table(p.trials, finished))
         console.print(
-            f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run -> {p.store.path}"
+            f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run -> {p.store.location}"
         )
         if p.data_error:
             err_console.print(f"[yellow]warning:[/] data: {escape(p.data_error)} (needed to run)")
@@ -221,7 +221,7 @@ def run(
 
     console.print(
         f"[bold]{spec.name}[/]: {len(p.trials)} trials, {p.done} already stored, "
-        f"{len(p.todo)} to run -> {p.store.path}"
+        f"{len(p.todo)} to run -> {p.store.location}"
     )
 
     def announce(url: str | None) -> None:
@@ -273,40 +273,46 @@ def run(
         raise typer.Exit(130)
     console.print(f"done: {summary}.")
     if then_report:
-        report(Path(p.store.path))
+        report(p.store.location)
     else:
-        console.print(f"Report: sweep report {p.store.path}")
+        console.print(f"Report: sweep report {p.store.location}")
     if counts["failed"]:
         raise typer.Exit(1)
 
 
 @app.command()
 def status(
-    target: Annotated[Path, typer.Argument(help="A grid file, or a sweep's results folder.")],
+    target: Annotated[
+        str, typer.Argument(help="A grid file, or a sweep's results folder (a path or a URI).")
+    ],
 ) -> None:
     """How many trials are stored, by status, and (for a grid file) how many are left."""
-    from sweeper.store import Store
+    from sweeper.store import NoStore, find_stores
 
-    if target.is_file():
+    if Path(target).is_file():
         from sweeper.orchestrate import SweepError, plan
 
-        spec = _load(target)
+        spec = _load(Path(target))
         try:
             p = plan(spec)
         except SweepError as err:
             _fail(str(err))
-        store, left = p.store, f", {len(p.todo)} of {len(p.trials)} left to run"
-    elif (target / "trials").is_dir():
-        store, left = Store(target.parent, target.name), ""
+        stores, left = [p.store], f", {len(p.todo)} of {len(p.trials)} left to run"
     else:
-        _fail(f"{target}: neither a grid file nor a sweep folder (one holding trials/)")
-    counts = Counter(store.read("trials", ["status"])["status"].to_pylist())
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("completed", "diverged", "failed"))
-    console.print(f"{store.path}: {sum(counts.values())} stored ({summary}){left}")
+        try:
+            stores, left = find_stores(target), ""
+        except NoStore as err:
+            _fail(str(err))
+    for store in stores:
+        counts = Counter(store.read("trials", ["status"])["status"].to_pylist())
+        summary = ", ".join(f"{counts[s]} {s}" for s in ("completed", "diverged", "failed"))
+        console.print(f"{store.location}: {sum(counts.values())} stored ({summary}){left}")
 
 
 # The options `report` and `analyze` share.
-Results = Annotated[Path, typer.Argument(help="A sweep's folder, or a root holding several.")]
+Results = Annotated[
+    str, typer.Argument(help="A sweep's folder, or a root holding several (a path or a URI).")
+]
 Metric = Annotated[str, typer.Option(help="final_val, smoothed_train or last_frac.")]
 PredictWidth = Annotated[
     int | None, typer.Option(help="Predict the optimal lr at this width.", min=1)
@@ -331,7 +337,9 @@ Horizons = Annotated[
 @app.command()
 def report(
     results: Results,
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder.")] = None,
+    out: Annotated[
+        str | None, typer.Option("-o", "--out", help="Output folder (default: RESULTS/report).")
+    ] = None,
     metric: Metric = "final_val",
     predict_width: PredictWidth = None,
     horizons: Horizons = None,

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # Package-internal parts of the store: this module is the store's own maintenance.
-from sweeper.store import _TRIAL_FILE, TABLES, Store, _View
+from sweeper.store import _TRIAL_FILE, TABLES, NoStore, Store, _View, find_stores
 
 DEFAULT_PART_BYTES = 256 * 2**20  # per-trial file bytes merged into one part (of each table)
 
@@ -86,23 +86,13 @@ class CompactionResult:
         return "; ".join(parts) + f" ({self.seconds:.1f} s)"
 
 
-def find_stores(path: str | Path) -> list[Store]:
-    """The sweeps at `path`: a sweep's folder (holding `trials/`), or a results root holding
-    such folders. Raises CompactError when there are none."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise CompactError(f"{p}: no such folder (give a sweep's folder or a results root)")
-    if (p / "trials").is_dir():
-        return [Store(p.resolve().parent, p.name)]
-    found = sorted(d.name for d in p.iterdir() if (d / "trials").is_dir())
-    if not found:
-        raise CompactError(f"{p}: no store here (expected {p}/trials/ or {p}/<sweep>/trials/)")
-    return [Store(p.resolve(), name) for name in found]
-
-
 def compact_path(path: str | Path, part_bytes: int = DEFAULT_PART_BYTES) -> list[CompactionResult]:
     """Compact every sweep at `path` (see `find_stores`), one after the other."""
-    return [compact(store, part_bytes=part_bytes) for store in find_stores(path)]
+    try:
+        stores = find_stores(path)
+    except NoStore as err:
+        raise CompactError(str(err)) from None
+    return [compact(store, part_bytes=part_bytes) for store in stores]
 
 
 def compact(store: Store | str | Path, *, part_bytes: int = DEFAULT_PART_BYTES) -> CompactionResult:

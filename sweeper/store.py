@@ -341,6 +341,51 @@ class _View:
     sizes: dict[str, int]  # bytes of each listed file
 
 
+class NoStore(LookupError):
+    """A path that holds no sweep; the message says what was expected."""
+
+
+def find_stores(path: str | Path) -> list[Store]:
+    """The sweeps at `path`, a local path or a URI (s3://..., file://...): a sweep's folder
+    (holding `trials/`), or a results root holding such folders. Raises NoStore."""
+    text = str(path)
+    if "://" in text:
+        fs, base = pafs.FileSystem.from_uri(text)
+        root = text.rstrip("/")
+    else:
+        fs, base = pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+        root = base
+
+    def is_dir(p: str) -> bool:
+        return fs.get_file_info(p).type == pafs.FileType.Directory
+
+    base = base.rstrip("/")
+    try:
+        fs.get_file_info(base)
+    except OSError as err:  # an object store that does not answer
+        raise NoStore(f"{text}: cannot reach it: {err}") from None
+    if not is_dir(base):
+        kind = (
+            "not a folder"
+            if fs.get_file_info(base).type == pafs.FileType.File
+            else "no such folder"
+        )
+        raise NoStore(f"{text}: {kind} (give a sweep's folder or a results root)")
+    if is_dir(f"{base}/trials"):
+        parent, name = root.rsplit("/", 1)
+        return [Store(parent or "/", name)]
+    names = sorted(
+        info.base_name
+        for info in fs.get_file_info(pafs.FileSelector(base))
+        if info.type == pafs.FileType.Directory and is_dir(f"{info.path}/trials")
+    )
+    if not names:
+        raise NoStore(
+            f"{text}: no trials stored (expected {text}/trials/ or {text}/<sweep>/trials/)"
+        )
+    return [Store(root, name) for name in names]
+
+
 class Store:
     """One sweep's folder of Parquet tables. `root` is a local path or a pyarrow URI (s3://...)."""
 
@@ -358,6 +403,11 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.path!r})"
+
+    @property
+    def location(self) -> str:
+        """The sweep's folder as the user names it: a local path or a URI (s3://bucket/x/name)."""
+        return f"{self.root.rstrip('/')}/{self.name}"
 
     @property
     def is_local(self) -> bool:
@@ -413,9 +463,18 @@ class Store:
 
     def check_usable(self) -> None:
         """Raise StoreError, writing nothing, when the store's folder cannot be made or written:
-        a file where a folder should be, or a folder this user cannot write."""
+        a file where a folder should be, a folder this user cannot write, an object store that
+        does not answer or has no such bucket."""
         if not self.is_local:
-            return  # object stores answer only when written to
+            bucket = self.path.split("/", 1)[0]
+            try:
+                found = self.fs.get_file_info(bucket).type != pafs.FileType.NotFound
+                self.fs.get_file_info(self.path)
+            except OSError as err:
+                raise StoreError(f"cannot reach the store {self.location}: {err}") from None
+            if not found:
+                raise StoreError(f"{self.location}: there is no bucket {bucket!r}; create it first")
+            return
         path = Path(self.path)
         nearest = next(p for p in [path, *path.parents] if p.exists())
         for folder in [nearest, *(path / t for t in (*TABLES, _INCOMING) if (path / t).exists())]:

@@ -90,7 +90,7 @@ def test_a_trial_stored_in_two_sweeps_counts_once(tmp_path):
 
 
 def test_user_errors(tmp_path):
-    with pytest.raises(AnalysisError, match="no such file"):
+    with pytest.raises(AnalysisError, match="no such folder"):
         load_results(tmp_path / "missing")
     with pytest.raises(AnalysisError, match="no trials stored"):
         load_results(tmp_path)

@@ -341,7 +341,7 @@ def test_what_cannot_be_compacted_is_refused_with_a_reason(tmp_path, template):
     with pytest.raises(CompactError, match="no such folder"):
         compact_path(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CompactError, match="no store here"):
+    with pytest.raises(CompactError, match="no trials stored"):
         compact_path(tmp_path / "empty")
     with pytest.raises(CompactError, match="not a sweep's folder"):
         compact(tmp_path / "empty")
