@@ -154,6 +154,19 @@ def _shape_fit(xs: np.ndarray, ys: np.ndarray, x_min: float, x_max: float):
     )
 
 
+def window_points(
+    x: np.ndarray, finite: np.ndarray, i: int, window: float = WINDOW_OCTAVES
+) -> np.ndarray:
+    """Indices of the finite points a fit around the argmin `i` uses: those within `window`
+    octaves, and always the nearest finite point on each side, however far (an irregular grid,
+    an adaptive search's, may leave the argmin's neighbour beyond the window: without it the
+    optimum would be taken at the argmin, with no room on that side)."""
+    idx = np.flatnonzero(finite & (np.abs(x - x[i]) <= window + 1e-9))
+    on = np.flatnonzero(finite)
+    sides = [on[on < i][-1:], on[on > i][:1]]
+    return np.union1d(idx, np.concatenate(sides)).astype(int)
+
+
 def fit_curves(x: np.ndarray, y: np.ndarray, window: float = WINDOW_OCTAVES) -> CurveFit:
     """Minima of curves `y` (D, L) on the ascending log2-lr grid `x` (L,).
 
@@ -178,8 +191,7 @@ def _fit_group(
     x: np.ndarray, y: np.ndarray, rows: np.ndarray, i: int, mask: np.ndarray,
     window: float, out: CurveFit,
 ) -> None:  # fmt: skip
-    near = mask & (np.abs(x - x[i]) <= window + 1e-9)
-    idx = np.flatnonzero(near)
+    idx = window_points(x, mask, i, window)
     left, right = idx[idx < i], idx[idx > i]
     ys = y[np.ix_(rows, idx)]
     if len(idx) >= 4 and len(left) and len(right):
@@ -227,7 +239,7 @@ def shape_ambiguity(x: np.ndarray, y: np.ndarray, noise_var: float) -> float:
     if not finite.any() or not np.isfinite(noise_var):
         return 0.0
     i = int(np.argmin(np.where(finite, y, np.inf)))
-    idx = np.flatnonzero(finite & (np.abs(x - x[i]) <= WINDOW_OCTAVES + 1e-9))
+    idx = window_points(x, finite, i)
     left, right = idx[idx < i], idx[idx > i]
     if len(idx) < 4 or not len(left) or not len(right):
         return 0.0
@@ -295,7 +307,7 @@ def method_error(x: np.ndarray, finite: np.ndarray, i: int) -> float:
     points near the argmin `i`, their optimum anywhere between the midpoints to the argmin's
     neighbours."""
     x = np.asarray(x, float)
-    idx = np.flatnonzero(finite & (np.abs(x - x[i]) <= WINDOW_OCTAVES + 1e-9))
+    idx = window_points(x, finite, i)
     if i not in idx:
         return float("nan")
     rel = tuple(np.round(x[idx] - x[i], 6))

@@ -79,8 +79,9 @@ def _octave(x: float) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
-def _cells_table(trials: list[TrialSpec], finished: set[str]) -> Table:
-    """One row per cell (everything but lr and seed), with its lr range and progress."""
+def _cells_table(trials: list[TrialSpec], finished: set[str], search: bool = False) -> Table:
+    """One row per cell (everything but lr and seed), with its lr range and progress (for a
+    search, only the range it searches: its trials are not known in advance)."""
     cells: dict[tuple, list[TrialSpec]] = defaultdict(list)
     for t in trials:
         key = (
@@ -97,8 +98,9 @@ def _cells_table(trials: list[TrialSpec], finished: set[str]) -> Table:
             tuple(sorted(t.hparams.items())),
         )
         cells[key].append(t)
-    table = Table(title=f"{len(cells)} cells, {len(trials)} trials")
-    for col in (
+    title = f"{len(cells)} cells" + ("" if search else f", {len(trials)} trials")
+    table = Table(title=title)
+    columns = (
         "optimizer",
         "model",
         "width",
@@ -111,7 +113,8 @@ def _cells_table(trials: list[TrialSpec], finished: set[str]) -> Table:
         "seeds",
         "trials",
         "stored",
-    ):
+    )
+    for col in columns[:-2] if search else columns:
         table.add_column(
             col, justify="left" if col in ("optimizer", "model", "settings") else "right"
         )
@@ -126,9 +129,9 @@ def _cells_table(trials: list[TrialSpec], finished: set[str]) -> Table:
         lr_text = (
             _octave(lrs[0])
             if len(lrs) == 1
-            else f"{_octave(lrs[0])}..{_octave(lrs[-1])} ({len(lrs)})"
+            else f"{_octave(lrs[0])}..{_octave(lrs[-1])}" + ("" if search else f" ({len(lrs)})")
         )
-        table.add_row(
+        row = [
             opt,
             model,
             str(width),
@@ -141,7 +144,8 @@ def _cells_table(trials: list[TrialSpec], finished: set[str]) -> Table:
             str(len({t.seed for t in group})),
             str(len(group)),
             str(sum(t.trial_id in finished for t in group)),
-        )
+        ]
+        table.add_row(*(row[:-2] if search else row))
     return table
 
 
@@ -207,11 +211,22 @@ def run(
     except (SweepError, TrackerError) as err:
         _fail(str(err))
     if dry_run:
-        finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
-        console.print(_cells_table(p.trials, finished))
-        console.print(
-            f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run -> {p.store.location}"
-        )
+        if p.search:
+            st = spec.search
+            console.print(_cells_table(p.trials, set(), search=True))
+            console.print(
+                f"search: optuna ({st.sampler}) in each of {len(p.search.cells)} cells, "
+                f"{st.trials_per_cell} lrs per cell on a 1/16-octave lattice within its range, "
+                f"{st.batch} per round, each at every seed: at most {p.total} trials; "
+                f"{p.done} stored, {len(p.todo)} in the first round -> {p.store.location}"
+            )
+        else:
+            finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
+            console.print(_cells_table(p.trials, finished))
+            console.print(
+                f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run "
+                f"-> {p.store.location}"
+            )
         if p.data_error:
             err_console.print(f"[yellow]warning:[/] data: {escape(p.data_error)} (needed to run)")
         if p.running:
@@ -220,8 +235,9 @@ def run(
         return
 
     console.print(
-        f"[bold]{spec.name}[/]: {len(p.trials)} trials, {p.done} already stored, "
-        f"{len(p.todo)} to run -> {p.store.location}"
+        f"[bold]{spec.name}[/]: {p.total} trials{' at most (search)' if p.search else ''}, "
+        f"{p.done} already stored, {len(p.todo)} to run"
+        f"{' in the first round' if p.search else ''} -> {p.store.location}"
     )
 
     def announce(url: str | None) -> None:
@@ -233,7 +249,7 @@ def run(
             console.print(f"Ray dashboard: {url}{login}")
 
     try:
-        with SweepProgress(spec.name, len(p.trials), p.done, console) as progress:
+        with SweepProgress(spec.name, p.total, p.done, console) as progress:
             run_sweep(
                 p,
                 progress,
@@ -263,7 +279,11 @@ def run(
 
     stored = p.store.read("trials", ["trial_id", "status"]).to_pydict()
     status_of = dict(zip(stored["trial_id"], stored["status"], strict=True))
-    counts = Counter(status_of.get(t.trial_id, "not run") for t in p.trials)
+    if p.search:  # its trials are the ones it stored; left: what it would still propose
+        counts = Counter(status_of.values())
+        counts["not run"] = len(p.search.propose())
+    else:
+        counts = Counter(status_of.get(t.trial_id, "not run") for t in p.trials)
     summary = ", ".join(f"{counts[s]} {s}" for s in ("completed", "diverged", "failed"))
     if counts["not run"]:
         err_console.print(
@@ -297,7 +317,7 @@ def status(
             p = plan(spec)
         except SweepError as err:
             _fail(str(err))
-        stores, left = [p.store], f", {len(p.todo)} of {len(p.trials)} left to run"
+        stores, left = [p.store], f", {p.total - p.done} of {p.total} left to run"
     else:
         try:
             stores, left = find_stores(target), ""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sweeper.progress import SweepProgress
+from sweeper.search import OptunaSearch
 from sweeper.spec import SweepSpec, TrialSpec, expand
 from sweeper.store import Store, StoreError, StoreLocked, TrialResult
 from sweeper.trackers import Tracking
@@ -40,10 +41,26 @@ class Plan:
     todo: list[TrialSpec]  # not finished in the store yet
     data_error: str | None = None  # set only when planned with allow_missing_data
     running: str | None = None  # the controller running this sweep now, in words
+    search: OptunaSearch | None = None  # an adaptive search: todo is its first round
+
+    @property
+    def total(self) -> int:
+        """Trials the sweep will have when done (a search's: at most)."""
+        return self.search.max_trials if self.search else len(self.trials)
 
     @property
     def done(self) -> int:
-        return len(self.trials) - len(self.todo)
+        return self.search.n_stored if self.search else len(self.trials) - len(self.todo)
+
+    def rounds(self) -> Iterator[list[TrialSpec]]:
+        """The trials to run, a round at a time: the whole grid at once, or a search's rounds
+        until it proposes nothing (each round is planned from what the store holds then)."""
+        todo = self.todo
+        while todo:
+            yield todo
+            if self.search is None:
+                return
+            todo = self.search.propose()
 
 
 def check_optimizer_settings(spec: SweepSpec) -> None:
@@ -95,6 +112,11 @@ def plan(spec: SweepSpec, results: str | None = None, *, allow_missing_data: boo
         data_fp, data_error = "missing", str(err)
     trials = expand(spec, data_fp)
     running = store.holder()
+    if spec.search.method == "optuna":
+        search = OptunaSearch(spec, trials, store)
+        return Plan(
+            spec, store, trials, search.propose(retry_failed=True), data_error, running, search
+        )
     finished = store.finished_ids()
     todo = [t for t in trials if t.trial_id not in finished]
     return Plan(spec, store, trials, todo, data_error, running)
@@ -136,8 +158,11 @@ def _claimed(p: Plan, grid_text: str | None) -> Iterator[None]:
     run stored since it was made, and prepare the store."""
     try:
         with p.store.lock():
-            finished = p.store.finished_ids()
-            p.todo = [t for t in p.todo if t.trial_id not in finished]
+            if p.search:
+                p.todo = p.search.propose(retry_failed=True)
+            else:
+                finished = p.store.finished_ids()
+                p.todo = [t for t in p.todo if t.trial_id not in finished]
             p.store.prepare(grid_text)
             yield
     except StoreLocked as err:
@@ -155,12 +180,12 @@ def _error_text(err: BaseException) -> str:
 # --------------------------------------------------------------------------- in-process
 
 
-def run_local(p: Plan, progress: SweepProgress) -> None:
+def run_local(p: Plan, progress: SweepProgress, trials: list[TrialSpec]) -> None:
     """Run the trials one after another in this process, with the same retries as on Ray."""
     import torch
 
     torch.set_num_threads(max(1, int(p.spec.resources.cpu)))
-    for trial in p.todo:
+    for trial in trials:
         progress.started(trial)
         started = datetime.now(timezone.utc)
         for attempt in range(p.spec.execution.retries + 1):
@@ -318,24 +343,28 @@ def run_ray(
                 if on_ready:
                     url = getattr(ctx, "dashboard_url", None)
                     on_ready(f"http://{url}" if url else None)
-                if p.todo:
-                    _tune(p, progress, per_trial, tracking)
+                for trials in p.rounds():
+                    _tune(p, progress, per_trial, tracking, trials)
     except ClusterError as err:
         raise SweepError(str(err)) from None
 
 
 def _tune(
-    p: Plan, progress: SweepProgress, per_trial: dict[str, float], tracking: Tracking | None
+    p: Plan,
+    progress: SweepProgress,
+    per_trial: dict[str, float],
+    tracking: Tracking | None,
+    trials: list[TrialSpec],
 ) -> None:
     """Run the plan's trials as one Tune experiment, then store those that raised as failed."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    by_id = {t.trial_id: t for t in p.todo}
-    names = {t.trial_id: trial_name(t, _varying(p.trials)) for t in p.todo}
+    by_id = {t.trial_id: t for t in trials}
+    names = {t.trial_id: trial_name(t, _varying(p.trials)) for t in trials}
     # One Tune trial per TrialSpec, each config given whole: a grid_search would take the
     # cartesian product of the keys, which is not the sweep's (each optimizer has its settings).
-    points = [tune_config(t) for t in p.todo]
+    points = [tune_config(t) for t in trials]
     space = {key: None for point in points for key in point}
 
     def trial_id(trial: Any) -> str:
@@ -438,4 +467,5 @@ def run_sweep(
     if ray_options.get("address") or ray_options.get("dashboard"):
         raise SweepError("--address and --dashboard apply to the Ray executor only")
     with _claimed(p, grid_text):
-        run_local(p, progress)
+        for trials in p.rounds():
+            run_local(p, progress, trials)

@@ -360,6 +360,20 @@ class Execution(_Strict):
     retries: int = Field(1, ge=0, le=MAX_RETRIES)
 
 
+class Search(_Strict):
+    """How the lrs of each cell are chosen: every lr of the grid, or an adaptive search.
+
+    With `optuna`, each cell (everything but lr and seed) gets its own Optuna study over log2 lr
+    within the cell's grid range (its lowest to highest lr), quantized to 1/16 octave so that a
+    point proposed twice is one trial; each proposed lr runs at every seed of the grid.
+    """
+
+    method: Literal["grid", "optuna"] = "grid"
+    trials_per_cell: Annotated[int, Field(ge=3, le=1000)] = 8  # lrs per cell, each x every seed
+    sampler: Literal["tpe", "random"] = "tpe"
+    batch: Annotated[int, Field(ge=1, le=64)] = 2  # lrs proposed per cell per round
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     results: str = "results"
@@ -369,6 +383,7 @@ class SweepSpec(_Strict):
     grid: Grid
     resources: Resources = Resources()
     execution: Execution = Execution()
+    search: Search = Search()
 
     @model_validator(mode="after")
     def _micro_batches_divide(self) -> SweepSpec:
