@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 from rich.console import Console
 from rich.table import Table
@@ -707,10 +708,13 @@ def write_report(
     )
     where = str(out_dir) if out_dir is not None else f"{str(results).rstrip('/')}/report"
     remote = "://" in where
-    if remote:  # next to a store on object storage, through the same file systems as the store
-        fs, out = pafs.FileSystem.from_uri(where)
-    else:
-        fs, out = pafs.LocalFileSystem(), str(Path(where).expanduser().resolve())
+    try:
+        if remote:  # next to a store on object storage, through the same file systems as it
+            fs, out = pafs.FileSystem.from_uri(where)
+        else:
+            fs, out = pafs.LocalFileSystem(), str(Path(where).expanduser().resolve())
+    except (pa.ArrowException, RuntimeError) as err:  # unknown scheme, symlink loop
+        raise OSError(f"{where}: {err}") from None
     fs.create_dir(out, recursive=True)
 
     def write(name: str, data: bytes) -> None:

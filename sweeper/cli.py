@@ -271,9 +271,12 @@ def run(
     except SweepError as err:
         _fail(str(err))
     except KeyboardInterrupt:
+        try:
+            stored = f"{len(p.store.trial_ids())} trials stored"
+        except OSError:
+            stored = "what was stored is kept"
         err_console.print(
-            f"[yellow]interrupted[/]: {len(p.store.trial_ids())} trials stored; "
-            "run the same command again to finish the sweep"
+            f"[yellow]interrupted[/]: {stored}; run the same command again to finish the sweep"
         )
         raise typer.Exit(130) from None
 
@@ -324,7 +327,11 @@ def status(
         except NoStore as err:
             _fail(str(err))
     for store in stores:
-        counts = Counter(store.read("trials", ["status"])["status"].to_pylist())
+        try:
+            counts = Counter(store.read("trials", ["status"])["status"].to_pylist())
+            store.finished_ids()  # names damaged steps files, whose trials will run again
+        except OSError as err:
+            _fail(str(err))
         summary = ", ".join(f"{counts[s]} {s}" for s in ("completed", "diverged", "failed"))
         console.print(f"{store.location}: {sum(counts.values())} stored ({summary}){left}")
 
@@ -368,6 +375,7 @@ def report(
     """Write report.html, its figures and fits.json."""
     from analysis import AnalysisError
     from analysis.report import write_report
+    from sweeper.store import StoreError
 
     try:
         path = write_report(
@@ -379,6 +387,8 @@ def report(
             tolerance=tolerance,
         )
     except AnalysisError as err:
+        _fail(str(err))
+    except StoreError as err:  # the store cannot be read
         _fail(str(err))
     except OSError as err:  # the output folder: a file in the way, read-only, a full disk
         where = f"{err.filename}: " if err.filename else ""
@@ -397,6 +407,7 @@ def analyze(
     """Print the optimal-lr and transfer tables."""
     from analysis import AnalysisError
     from analysis.report import print_summary
+    from sweeper.store import StoreError
 
     try:
         print_summary(
@@ -407,14 +418,14 @@ def analyze(
             tolerance=tolerance,
             console=console,
         )
-    except AnalysisError as err:
+    except (AnalysisError, StoreError) as err:
         _fail(str(err))
 
 
 @app.command()
 def compact(
     results: Annotated[
-        Path, typer.Argument(help="A sweep's results folder, or a results root holding several.")
+        str, typer.Argument(help="A sweep's results folder, or a results root holding several.")
     ],
     part_mb: Annotated[
         int,

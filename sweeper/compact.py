@@ -181,7 +181,9 @@ def _finished_own(store: Store, view: _View) -> tuple[list[str], int]:
         ):
             continue
         steps, coord = view.own["steps"].get(tid), view.own["coord"].get(tid)
-        if store._footer_readable(steps) and (coord is None or store._footer_readable(coord)):
+        if store._footer_readable(steps) and (
+            coord is None or store._footer_readable(coord, "coord")
+        ):
             mergeable.append(tid)
     return mergeable, len(own) - len(mergeable)
 

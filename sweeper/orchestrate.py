@@ -97,8 +97,8 @@ def plan(spec: SweepSpec, results: str | None = None, *, allow_missing_data: boo
     from sweeper.data import DataError, check_length, fingerprint
 
     check_optimizer_settings(spec)
-    store = Store(results or spec.results, spec.name)
     try:
+        store = Store(results or spec.results, spec.name)
         store.check_usable()
     except StoreError as err:
         raise SweepError(f"results: {err}") from None
@@ -145,10 +145,13 @@ def execute_trial(
 
 
 def _stopped(err: StoreError, store: Store) -> SweepError:
+    try:
+        stored = f"the {len(store.trial_ids())} trials stored"
+    except OSError:  # the store may be out of reach altogether
+        stored = "what was stored"
     return SweepError(
-        f"{err}. The sweep stopped at the first write that failed: the "
-        f"{len(store.trial_ids())} trials stored are intact. Make room (or fix the folder) and "
-        "run the same command again to finish it."
+        f"{err}. The sweep stopped at the first write that failed: {stored} are intact. Make "
+        "room (or fix the folder, or the connection) and run the same command again to finish it."
     )
 
 
@@ -438,6 +441,12 @@ def _tune(
                 p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
 
 
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_sweep(
     p: Plan,
     progress: SweepProgress,
@@ -454,16 +463,24 @@ def run_sweep(
         return
     if p.running:  # refused before Ray starts; `_claimed` is the real check
         raise SweepError(str(StoreLocked(p.store.path, p.running)))
+    if p.spec.train.device == "cuda" and (
+        p.spec.resources.gpu == 0 if executor == "ray" else not _cuda_here()
+    ):
+        raise SweepError(
+            "train.device is cuda but "
+            + (
+                "resources.gpu is 0: give each trial a GPU (or a fraction)"
+                if executor == "ray"
+                else "this machine has no CUDA GPU"
+            )
+        )
     if executor == "ray":
         run_ray(p, progress, grid_text, **ray_options)
         return
-    if p.spec.resources.gpu > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SweepError(
-                f"resources.gpu is {p.spec.resources.gpu:g} but this machine has no CUDA GPU"
-            )
+    if p.spec.resources.gpu > 0 and not _cuda_here():
+        raise SweepError(
+            f"resources.gpu is {p.spec.resources.gpu:g} but this machine has no CUDA GPU"
+        )
     if ray_options.get("address") or ray_options.get("dashboard"):
         raise SweepError("--address and --dashboard apply to the Ray executor only")
     with _claimed(p, grid_text):

@@ -376,7 +376,7 @@ class Search(_Strict):
 
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
-    results: str = "results"
+    results: str = Field("results", min_length=1)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig(corpus="stdlib")
     train: TrainConfig

@@ -349,12 +349,15 @@ def find_stores(path: str | Path) -> list[Store]:
     """The sweeps at `path`, a local path or a URI (s3://..., file://...): a sweep's folder
     (holding `trials/`), or a results root holding such folders. Raises NoStore."""
     text = str(path)
-    if "://" in text:
-        fs, base = pafs.FileSystem.from_uri(text)
-        root = text.rstrip("/")
-    else:
-        fs, base = pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
-        root = base
+    try:
+        if "://" in text:
+            fs, base = pafs.FileSystem.from_uri(text)
+            root = text.rstrip("/")
+        else:
+            fs, base = pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+            root = base
+    except (pa.ArrowException, RuntimeError, OSError) as err:  # unknown scheme, symlink loop
+        raise NoStore(f"{text}: {err}") from None
 
     def is_dir(p: str) -> bool:
         return fs.get_file_info(p).type == pafs.FileType.Directory
@@ -391,12 +394,15 @@ class Store:
 
     def __init__(self, root: str | Path, name: str):
         root = str(root)
-        if "://" in root:
-            self.fs, base = pafs.FileSystem.from_uri(root)
-        else:
-            # absolute, so that workers running in other folders write to the same place
-            root = base = str(Path(root).resolve())
-            self.fs = pafs.LocalFileSystem()
+        try:
+            if "://" in root:
+                self.fs, base = pafs.FileSystem.from_uri(root)
+            else:
+                # absolute, so that workers running in other folders write to the same place
+                root = base = str(Path(root).resolve())
+                self.fs = pafs.LocalFileSystem()
+        except (pa.ArrowException, RuntimeError, OSError) as err:  # unknown scheme, symlink loop
+            raise StoreError(f"{root}: cannot be a store: {err}") from None
         self.root = root  # what a worker passes to Store() to reach the same folder
         self.name = name
         self.path = f"{base.rstrip('/')}/{name}"
@@ -489,12 +495,18 @@ class Store:
         Call while holding `lock()`, before starting trials.
         """
         self.maintain()
-        if grid_text is not None:
-            digest = hashlib.sha256(grid_text.encode()).hexdigest()[:12]
+        if grid_text is None:
+            return
+        digest = hashlib.sha256(grid_text.encode()).hexdigest()[:12]
+        try:  # the history first: grid.yaml is replaced only once its old text is kept
             self.fs.create_dir(f"{self.path}/grid-history", recursive=True)
-            for target in (f"{self.path}/grid.yaml", f"{self.path}/grid-history/{digest}.yaml"):
+            for target in (f"{self.path}/grid-history/{digest}.yaml", f"{self.path}/grid.yaml"):
                 with self.fs.open_output_stream(target) as out:
                     out.write(grid_text.encode())
+        except OSError as err:
+            raise StoreError(
+                f"cannot write the grid file into {self.location}: {_reason(err)}"
+            ) from err
 
     def maintain(self, upgrade: bool = True) -> Maintenance:
         """Put the store in order, in this order; call while holding `lock()`.
@@ -613,12 +625,16 @@ class Store:
                 "since": _now().isoformat(timespec="seconds"),
                 "command": " ".join(sys.argv),
             }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
+            except OSError as err:  # a full disk: the lock is held, only its note is missing
+                raise StoreError(f"cannot write to the store {self.path}: {_reason(err)}") from err
             try:
                 yield
             finally:
-                os.ftruncate(fd, 0)  # before the unlock: an empty file means "nobody"
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)  # before the unlock: an empty file means "nobody"
         finally:
             os.close(fd)
 
@@ -820,24 +836,36 @@ class Store:
         except (OSError, pa.ArrowException):
             return False
 
-    def _footer_readable(self, path: str | None) -> bool:
+    def _footer_readable(self, path: str | None, table: str = "steps") -> bool:
+        """Whether the file's footer reads and its schema is the table's (columns of an
+        older version may be missing; none may have another type, trial_id must be there)."""
         if path is None:
             return False
         try:
-            pq.read_metadata(path, filesystem=self.fs)
-            return True
+            have = pq.read_schema(path, filesystem=self.fs)
         except (OSError, pa.ArrowException):
             return False
+        return _fits(have, TABLES[table])
 
     # ----------------------------------------------------------------------- reading
 
     def _files(self, table: str, include_hidden: bool = False) -> list[pafs.FileInfo]:
+        """The table's files the store wrote (a trial's, a part): any other file in the folder
+        is someone else's and never read. With include_hidden, temporary files too."""
         selector = pafs.FileSelector(self._dir(table), allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except OSError as err:  # a file where the folder should be
+            raise StoreError(f"cannot read the store {self.location}: {err}") from None
         return [
             f
-            for f in self.fs.get_file_info(selector)
+            for f in infos
             if f.type == pafs.FileType.File
-            and (include_hidden or not f.base_name.startswith((".", "_")))
+            and (
+                _TRIAL_FILE.fullmatch(f.base_name)
+                or _PART_FILE.fullmatch(f.base_name)
+                or (include_hidden and f.base_name.startswith("."))
+            )
         ]
 
     def _view(self) -> _View:
@@ -932,13 +960,18 @@ class Store:
     ) -> tuple[pa.Table, list[str], bool]:
         """Read `files`; (rows, damaged files, whether a file vanished meanwhile)."""
         schema = TABLES[table]
-        try:  # the usual case, all files whole: one dataset scan
-            return self._scan(files, schema, columns), [], False
+        try:  # the usual case, all files whole and of this table: one dataset scan
+            scan = columns if "trial_id" in columns else [*columns, "trial_id"]
+            tbl = self._scan(files, schema, scan)
+            if tbl["trial_id"].null_count == 0:  # a file of another schema reads as nulls
+                return tbl.select(columns), [], False
         except (OSError, pa.ArrowException):
             pass
         good, damaged, vanished = [], [], False
         for path in files:
             try:
+                if not _fits(pq.read_schema(path, filesystem=self.fs), schema):
+                    raise pa.ArrowInvalid("not this table's schema")
                 good.append(self._scan([path], schema, columns))
             except (OSError, pa.ArrowException):
                 if self._exists(path):
@@ -1004,6 +1037,18 @@ class Store:
             if checked[path]:
                 finished.add(tid)
         return finished, damaged, vanished
+
+
+def _fits(have: pa.Schema, schema: pa.Schema) -> bool:
+    """A file of this table, of this version or an older one: it has trial_id, and every
+    column it shares with the table has the table's type."""
+    if "trial_id" not in have.names:
+        return False
+    return all(
+        have.field(f.name).type == f.type or pa.types.is_null(have.field(f.name).type)
+        for f in schema
+        if f.name in have.names
+    )
 
 
 def _needs_upgrade(have: pa.Schema, schema: pa.Schema) -> bool:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from test_e2e_sweep import BIN, TINY, stored, write_grid
 
 pytestmark = pytest.mark.e2e
@@ -204,3 +205,86 @@ def test_a_report_that_cannot_be_written_is_one_message(tmp_path, sweep_cli, a_s
     out = sweep_cli("report", str(a_stored_sweep / "tiny"), "-o", str(tmp_path / "afile" / "rep"))
     assert_refused(out, "cannot write the report")
     assert "Not a directory" in out.stderr
+
+
+# --------------------------------------------------------------------------- red-team findings
+
+
+def test_a_users_parquet_files_in_the_store_are_never_read(tmp_path, sweep_cli, a_stored_sweep):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = a_stored_sweep / "tiny"
+    pq.write_table(pa.table({"x": [1, 2]}), store / "trials" / "my-notes.parquet")
+    (trial,) = sorted((store / "trials").glob("[0-9a-f]*.parquet"))
+    pq.write_table(pa.table({"x": [1, 2]}), trial)  # another schema under a trial's name
+    out = sweep_cli("status", str(store))
+    assert out.returncode == 0 and "0 stored" in out.stdout and trial.name in out.stderr
+    grid = write_grid(tmp_path, ONE)
+    out = sweep_cli("run", str(grid), "--executor", "local")
+    assert out.returncode == 0 and "0 already stored, 1 to run" in out.stdout, out.stderr
+    assert (store / "trials" / "my-notes.parquet").exists()  # left alone
+    out = sweep_cli("analyze", str(store))
+    assert out.returncode == 0 and "damaged" not in out.stderr, out.stderr
+
+
+def test_a_steps_file_of_the_wrong_schema_makes_its_trial_run_again(tmp_path, sweep_cli):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    grid = write_grid(tmp_path, ONE)
+    assert sweep_cli("run", str(grid), "--executor", "local").returncode == 0
+    (steps,) = (tmp_path / "results" / "tiny" / "steps").glob("*.parquet")
+    pq.write_table(pa.table({"trial_id": [steps.stem], "step": ["zero"]}), steps)
+    status = sweep_cli("status", str(tmp_path / "results" / "tiny"))
+    assert status.returncode == 0 and steps.name in status.stderr
+    out = sweep_cli("run", str(grid), "--executor", "local")
+    assert out.returncode == 0 and "0 already stored, 1 to run" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("where", ["grid-history", "table-is-a-file"])
+def test_a_store_that_cannot_be_prepared_or_read_is_one_message(
+    tmp_path, sweep_cli, a_stored_sweep, where
+):
+    store = a_stored_sweep / "tiny"
+    grid = write_grid(tmp_path, {**ONE, "grid": {**ONE["grid"], "seed": [0, 1]}})
+    if where == "grid-history":
+        if subprocess.run(["chattr", "+i", str(store / "grid-history")]).returncode:
+            pytest.skip("chattr +i is not available here")
+        try:
+            assert_refused(sweep_cli("run", str(grid), "--executor", "local"), "grid file")
+        finally:
+            subprocess.run(["chattr", "-i", str(store / "grid-history")])
+        return
+    import shutil
+
+    shutil.rmtree(store / "steps")
+    (store / "steps").write_text("not a folder")
+    for command in (["status", str(store)], ["analyze", str(store)], ["report", str(store)]):
+        assert_refused(sweep_cli(*command), "steps")
+
+
+@pytest.mark.parametrize("results", ["loop", "foo://bar"])
+def test_a_symlink_loop_or_an_unknown_scheme_is_one_message(tmp_path, sweep_cli, results):
+    if results == "loop":
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        results = str(tmp_path / "loop" / "x")
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({**ONE, "results": results}))
+    assert_refused(sweep_cli("run", str(grid), "--executor", "local"), "cannot be a store")
+    for command in (["status", results], ["report", results], ["compact", results]):
+        out = sweep_cli(*command)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, (command, out.stderr)
+
+
+def test_cuda_without_a_gpu_is_refused_before_anything_runs(tmp_path, sweep_cli):
+    grid = write_grid(tmp_path, {**ONE, "train": {**ONE["train"], "device": "cuda"}})
+    assert_refused(sweep_cli("run", str(grid), "--executor", "local"), "train.device is cuda")
+    assert_refused(sweep_cli("run", str(grid), "--num-cpus", "1"), "resources.gpu is 0")
+    assert not (tmp_path / "results").exists()
+
+
+def test_compact_takes_a_file_uri(tmp_path, sweep_cli, a_stored_sweep):
+    out = sweep_cli("compact", (a_stored_sweep / "tiny").as_uri())
+    assert out.returncode == 0, out.stderr
+    assert list((a_stored_sweep / "tiny" / "trials").glob("part-*.parquet"))
