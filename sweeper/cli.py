@@ -187,7 +187,7 @@ def run(
     ] = None,
 ) -> None:
     """Run every trial of GRID not yet in its store; safe to re-run, it resumes."""
-    from sweeper.orchestrate import SweepError, plan, run_sweep
+    from sweeper.orchestrate import SweepError, plan, preflight, run_sweep
     from sweeper.progress import SweepProgress
     from sweeper.trackers import TrackerError, tracking_for
 
@@ -234,6 +234,11 @@ def run(
             err_console.print(f"[yellow]note:[/] a sweep is running on this store: {running}")
         return
 
+    try:
+        if p.todo:
+            preflight(p, executor)  # type: ignore[arg-type]
+    except SweepError as err:
+        _fail(str(err))
     console.print(
         f"[bold]{spec.name}[/]: {p.total} trials{' at most (search)' if p.search else ''}, "
         f"{p.done} already stored, {len(p.todo)} to run"

@@ -447,6 +447,29 @@ def _cuda_here() -> bool:
     return torch.cuda.is_available()
 
 
+def preflight(p: Plan, executor: Executor = "ray", **ray_options: Any) -> None:
+    """Refuse, before anything starts or is printed, a plan that cannot run here: a store
+    another controller holds, a device or GPU the executor cannot give. (What a Ray cluster
+    has is checked once Ray is up, still before anything is written.)"""
+    if p.running:  # `_claimed` is the real check, this one refuses before Ray starts
+        raise SweepError(str(StoreLocked(p.store.path, p.running)))
+    if p.spec.train.device == "cuda" and executor == "ray" and p.spec.resources.gpu == 0:
+        raise SweepError(
+            "train.device is cuda but resources.gpu is 0: give each trial a GPU (or a fraction)"
+        )
+    if executor == "ray":
+        return
+    if (p.spec.train.device == "cuda" or p.spec.resources.gpu > 0) and not _cuda_here():
+        asked = (
+            "train.device is cuda"
+            if p.spec.train.device == "cuda"
+            else (f"resources.gpu is {p.spec.resources.gpu:g}")
+        )
+        raise SweepError(f"{asked} but this machine has no CUDA GPU")
+    if ray_options.get("address") or ray_options.get("dashboard"):
+        raise SweepError("--address and --dashboard apply to the Ray executor only")
+
+
 def run_sweep(
     p: Plan,
     progress: SweepProgress,
@@ -456,33 +479,15 @@ def run_sweep(
 ) -> None:
     """Check that the plan can run, become the store's one controller, run what is left, stop.
 
-    Nothing is written before the checks pass (resources, the lock); `grid_text` is kept in
-    the store as the grid of this run.
+    Nothing is written before the checks pass (`preflight`, the cluster's resources, the
+    lock); `grid_text` is kept in the store as the grid of this run.
     """
     if not p.todo:
         return
-    if p.running:  # refused before Ray starts; `_claimed` is the real check
-        raise SweepError(str(StoreLocked(p.store.path, p.running)))
-    if p.spec.train.device == "cuda" and (
-        p.spec.resources.gpu == 0 if executor == "ray" else not _cuda_here()
-    ):
-        raise SweepError(
-            "train.device is cuda but "
-            + (
-                "resources.gpu is 0: give each trial a GPU (or a fraction)"
-                if executor == "ray"
-                else "this machine has no CUDA GPU"
-            )
-        )
+    preflight(p, executor, **ray_options)
     if executor == "ray":
         run_ray(p, progress, grid_text, **ray_options)
         return
-    if p.spec.resources.gpu > 0 and not _cuda_here():
-        raise SweepError(
-            f"resources.gpu is {p.spec.resources.gpu:g} but this machine has no CUDA GPU"
-        )
-    if ray_options.get("address") or ray_options.get("dashboard"):
-        raise SweepError("--address and --dashboard apply to the Ray executor only")
     with _claimed(p, grid_text):
         for trials in p.rounds():
             run_local(p, progress, trials)

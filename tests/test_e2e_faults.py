@@ -45,7 +45,9 @@ def a_stored_sweep(tmp_path, sweep_cli) -> Path:
 def test_a_grid_refused_for_its_gpu_leaves_the_store_as_it_was(tmp_path, sweep_cli, a_stored_sweep):
     before = snapshot(a_stored_sweep)
     grid = write_grid(tmp_path, {**TINY, "resources": {"cpu": 1, "gpu": 2}}, "gpu.yaml")
-    assert_refused(sweep_cli("run", str(grid), "--executor", "local"), "no CUDA GPU")
+    out = sweep_cli("run", str(grid), "--executor", "local")
+    assert_refused(out, "no CUDA GPU")
+    assert out.stdout == ""  # refused before the sweep's header and progress bar
     assert snapshot(a_stored_sweep) == before
 
 
