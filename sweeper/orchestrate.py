@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from sweeper.progress import SweepProgress
 from sweeper.search import OptunaSearch
-from sweeper.spec import SweepSpec, TrialSpec, expand
+from sweeper.spec import ROLE_LRS, SweepSpec, TrialSpec, expand
 from sweeper.store import Store, StoreError, StoreLocked, TrialResult
 from sweeper.trackers import Tracking
 
@@ -209,7 +209,6 @@ def run_local(p: Plan, progress: SweepProgress, trials: list[TrialSpec]) -> None
 
 # What Tune shows of a trial (the dashboard, its result tables, trackers): flat scalars.
 _SHOWN = ("optimizer", "model", "width", "depth", "batch_size", "seq_len", "steps", "lr", "seed")
-_ROLE_LRS = ("lr_input", "lr_hidden", "lr_output", "lr_vector")
 
 
 def tune_config(trial: TrialSpec) -> dict[str, Any]:
@@ -218,7 +217,7 @@ def tune_config(trial: TrialSpec) -> dict[str, Any]:
     config: dict[str, Any] = {"store_trial_id": trial.trial_id}
     config.update({k: getattr(trial, k) for k in _SHOWN})
     config["log2_lr"] = math.log2(trial.lr)
-    config.update({k: getattr(trial, k) for k in _ROLE_LRS if getattr(trial, k) != 1.0})
+    config.update({k: getattr(trial, k) for k in ROLE_LRS if getattr(trial, k) != 1.0})
     config.update(trial.hparams)  # optimizer settings: beta1, momentum, ... (never the above)
     config["spec"] = trial.model_dump_json()
     return config
@@ -236,7 +235,7 @@ def trial_name(trial: TrialSpec, varying: set[str]) -> str:
 
 
 def _settings(trial: TrialSpec) -> list[tuple[str, Any]]:
-    roles = [(k.removeprefix("lr_"), getattr(trial, k)) for k in _ROLE_LRS]
+    roles = [(k.removeprefix("lr_"), getattr(trial, k)) for k in ROLE_LRS]
     return [(k, v) for k, v in roles if v != 1.0] + sorted(trial.hparams.items())
 
 

@@ -50,7 +50,7 @@ OPTIMIZERS = (
 
 Scalar = bool | int | float | str
 # Per-role multipliers of an optimizer's lr; every optimizer takes them.
-_ROLE_LRS = ("lr_input", "lr_hidden", "lr_output", "lr_vector")
+ROLE_LRS = ("lr_input", "lr_hidden", "lr_output", "lr_vector")
 
 # --------------------------------------------------------------------------- limits
 
@@ -313,7 +313,7 @@ class OptimizerAxis(_Strict):
 
     def settings(self) -> dict[str, list[Scalar]]:
         """Every setting other than lr as a list of values (an axis)."""
-        out: dict[str, list[Scalar]] = {k: getattr(self, k) for k in _ROLE_LRS}
+        out: dict[str, list[Scalar]] = {k: getattr(self, k) for k in ROLE_LRS}
         out.update({k: _as_list(v) for k, v in sorted((self.model_extra or {}).items())})
         return out
 
@@ -688,7 +688,7 @@ def _optimizer_points(axis: OptimizerAxis) -> Iterator[tuple[float, dict, dict]]
     for lr in axis.lrs():
         for combo in itertools.product(*(settings[k] for k in keys)):
             point = dict(zip(keys, combo, strict=True))
-            roles = {k: point.pop(k) for k in _ROLE_LRS}
+            roles = {k: point.pop(k) for k in ROLE_LRS}
             yield lr, roles, point
 
 

@@ -124,6 +124,21 @@ def test_attached_cluster_runs_the_same_grid_and_a_grown_grid_runs_only_new_tria
     pd.testing.assert_frame_equal(before, after)
 
 
+def signal_once_stored(grid: Path, address: str, trials_dir: Path, n: int, sig: int) -> int:
+    """Run `sweep run grid --address address`, send it `sig` once `n` trials are stored, and
+    return its exit code."""
+    proc = subprocess.Popen(
+        [str(BIN / "sweep"), "run", str(grid), "--address", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(trials_dir.glob("*.parquet"))) < n:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    return proc.wait(timeout=120)
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_controller_resumes_with_every_trial_once(tmp_path, sweep_cli, ray_address, sig):
@@ -134,16 +149,8 @@ def test_killed_controller_resumes_with_every_trial_once(tmp_path, sweep_cli, ra
     }
     grid = write_grid(tmp_path, slow)
     trials_dir = tmp_path / "results" / "tiny" / "trials"
-    proc = subprocess.Popen(
-        [str(BIN / "sweep"), "run", str(grid), "--address", ray_address],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(trials_dir.glob("*.parquet"))) < 2:
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    assert proc.wait(timeout=120) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    code = signal_once_stored(grid, ray_address, trials_dir, 2, sig)
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
     kept = {p.name: p.read_bytes() for p in trials_dir.glob("*.parquet")}
     assert 2 <= len(kept) < 6, "the kill should land mid-sweep"
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import math
 import signal
-import subprocess
-import time
 
 import pytest
-from test_e2e_sweep import BIN, TINY, write_grid
+from test_e2e_sweep import TINY, signal_once_stored, write_grid
 
 from sweeper.search import LATTICE, OptunaSearch
 from sweeper.spec import expand, parse_spec
@@ -111,16 +109,7 @@ def test_a_killed_search_resumes_without_repeating_a_stored_trial(tmp_path, swee
     }
     grid = write_grid(tmp_path, slow)
     trials_dir = tmp_path / "results" / "tiny" / "trials"
-    proc = subprocess.Popen(
-        [str(BIN / "sweep"), "run", str(grid), "--address", ray_address],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len(list(trials_dir.glob("*.parquet"))) < 10:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    signal_once_stored(grid, ray_address, trials_dir, 10, signal.SIGKILL)
     kept = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.parquet")}
     assert 10 <= len(kept) < BUDGET, "the kill should land mid-search"
 
