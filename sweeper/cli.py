@@ -214,10 +214,22 @@ def run(
         if p.search:
             st = spec.search
             console.print(_cells_table(p.trials, set(), search=True))
+            if st.method == "optuna":
+                how = (
+                    f"optuna ({st.sampler}) in each of {len(p.search.cells)} cells, "
+                    f"{st.trials_per_cell} lrs per cell on a 1/16-octave lattice within its "
+                    f"range, {st.batch} per round"
+                )
+            else:
+                how = (
+                    f"transfer along {st.axis} in {len(p.search.lines)} lines of "
+                    f"{len(p.search.cells)} cells, smallest {st.axis} first over its range an "
+                    f"octave apart, each larger one around the lr* the smaller predict, until "
+                    f"its interval is within +-{st.target_ci:g} octave or it has "
+                    f"{st.trials_per_cell} lrs"
+                )
             console.print(
-                f"search: optuna ({st.sampler}) in each of {len(p.search.cells)} cells, "
-                f"{st.trials_per_cell} lrs per cell on a 1/16-octave lattice within its range, "
-                f"{st.batch} per round, each at every seed: at most {p.total} trials; "
+                f"search: {how}, each lr at every seed: at most {p.total} trials; "
                 f"{p.done} stored, {len(p.todo)} in the first round -> {p.store.location}"
             )
         else:

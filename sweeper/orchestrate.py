@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sweeper.progress import SweepProgress
-from sweeper.search import OptunaSearch
+from sweeper.search import Search, SearchError, make_search
 from sweeper.spec import ROLE_LRS, SweepSpec, TrialSpec, expand
 from sweeper.store import Store, StoreError, StoreLocked, TrialResult
 from sweeper.trackers import Tracking
@@ -41,7 +41,7 @@ class Plan:
     todo: list[TrialSpec]  # not finished in the store yet
     data_error: str | None = None  # set only when planned with allow_missing_data
     running: str | None = None  # the controller running this sweep now, in words
-    search: OptunaSearch | None = None  # an adaptive search: todo is its first round
+    search: Search | None = None  # an adaptive search: todo is its first round
 
     @property
     def total(self) -> int:
@@ -112,8 +112,11 @@ def plan(spec: SweepSpec, results: str | None = None, *, allow_missing_data: boo
         data_fp, data_error = "missing", str(err)
     trials = expand(spec, data_fp)
     running = store.holder()
-    if spec.search.method == "optuna":
-        search = OptunaSearch(spec, trials, store)
+    try:
+        search = make_search(spec, trials, store)
+    except SearchError as err:
+        raise SweepError(str(err)) from None
+    if search:
         return Plan(
             spec, store, trials, search.propose(retry_failed=True), data_error, running, search
         )

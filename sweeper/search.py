@@ -1,21 +1,29 @@
-"""Adaptive search: each cell's lrs chosen by an Optuna study instead of the whole grid.
+"""Adaptive search: each cell's lrs chosen by a planner instead of the whole grid.
 
 A planner beside `plan()`: it turns what the store holds into the next lrs to try, one round at
 a time, and the orchestrator runs each round like a small grid. The store stays the one record:
-every round the studies are rebuilt from the stored trials, so a search interrupted at any
-moment resumes where the store stands and never trains a stored trial again. (A study kept in
-its own database could disagree with the store after a kill, a trial told but never stored or
-stored but never told; rebuilding also leaves no SQLite file for two writers to lock.)
+every round the plan is rebuilt from the stored trials, so a search interrupted at any moment
+resumes where the store stands and never trains a stored trial again. (A study kept in its own
+database could disagree with the store after a kill, a trial told but never stored or stored
+but never told; rebuilding also leaves no SQLite file for two writers to lock.)
 
-A cell is everything but lr and seed. Its study searches log2 lr between the lowest and highest
-lr the grid gives the cell, on a 1/16-octave lattice (a point proposed twice is the same trial),
-starting from a few points spread evenly over it. Each proposed lr runs at every seed of the
-grid; the study sees the mean over seeds of the final validation loss, a diverged seed counting
-as its initial loss (a run that blew up did no better than not training).
+A cell is everything but lr and seed. Its lrs lie on a 1/16-octave lattice (a point proposed
+twice is the same trial), and each runs at every seed of the grid. Two planners:
+
+- `OptunaSearch`: one Optuna study per cell over log2 lr between the lowest and highest lr the
+  grid gives the cell, starting from a few points spread evenly over it. The study sees the
+  mean over seeds of the final validation loss, a diverged seed counting as its initial loss
+  (a run that blew up did no better than not training).
+- `TransferSearch`: the telescoping search of a transfer study. The cells of a line (equal but
+  for the transfer axis, width say) are searched in order of it: the smallest over its whole
+  grid range, each larger one near the lr* the smaller ones predict. Where a cell's optimum
+  lies, and how sure, is read from the analysis' own fit (`analysis.find_optima`), so the
+  search stops where the report's interval is as narrow as asked.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -25,6 +33,10 @@ from sweeper.spec import SweepSpec, TrialSpec
 from sweeper.store import Store
 
 LATTICE = 16  # points per octave
+
+
+class SearchError(ValueError):
+    """A search that cannot start as configured; the message says what to change."""
 
 
 def cell_key(trial: TrialSpec) -> str:
@@ -43,6 +55,7 @@ class _Cell:
     seeds: list[int]
     lo: float  # log2 lr range, on the lattice
     hi: float
+    grid: list[float]  # the grid's own lrs (log2, on the lattice)
     # log2 lr -> seed -> the seed's value (None: the trial failed)
     stored: dict[float, dict[int, float | None]] = field(default_factory=dict)
 
@@ -52,14 +65,19 @@ class _Cell:
     def complete(self, log2_lr: float) -> bool:
         return len(self.stored.get(log2_lr, {})) == len(self.seeds)
 
+    def pending(self) -> list[float]:
+        """Points some of whose seeds are not stored: a round cut short."""
+        return [x for x in self.stored if not self.complete(x)]
+
     def value(self, log2_lr: float) -> float | None:
         """The study's objective at a point: the mean over its seeds that did not fail."""
         values = [v for v in self.stored.get(log2_lr, {}).values() if v is not None]
         return sum(values) / len(values) if values else None
 
 
-class OptunaSearch:
-    """The next round of trials of every cell, from the trials the store holds."""
+class Search:
+    """What the planners share: the cells of the grid, what the store holds of them, and the
+    trials of the next round."""
 
     def __init__(self, spec: SweepSpec, grid_trials: list[TrialSpec], store: Store):
         self.settings = spec.search
@@ -76,6 +94,7 @@ class OptunaSearch:
                 seeds=sorted({t.seed for t in members}),
                 lo=_on_lattice(min(log2s)),
                 hi=_on_lattice(max(log2s)),
+                grid=sorted({_on_lattice(x) for x in log2s}),
             )
 
     @property
@@ -107,21 +126,22 @@ class OptunaSearch:
         return failed
 
     def propose(self, retry_failed: bool = False) -> list[TrialSpec]:
-        """The trials of the next round: empty when every cell has its trials_per_cell lrs.
+        """The trials of the next round: empty when the search is done.
 
         A failed trial counts as done within a run (so a broken setting cannot loop forever);
         with retry_failed (a run's first round) it is proposed again, as a grid run retries it.
         """
         failed = self._read_store()
         out: list[TrialSpec] = []
-        for cell in self.cells.values():
-            for log2_lr in self._next_points(cell):
-                out += [
-                    cell.trial(log2_lr, s)
-                    for s in cell.seeds
-                    if s not in cell.stored.get(log2_lr, {})
-                ]
-            if retry_failed:
+        for cell, points in self._next_points():
+            out += [
+                cell.trial(x, s)
+                for x in points
+                for s in cell.seeds
+                if s not in cell.stored.get(x, {})
+            ]
+        if retry_failed:
+            for cell in self.cells.values():
                 out += [
                     t
                     for x, seeds in cell.stored.items()
@@ -130,9 +150,19 @@ class OptunaSearch:
                 ]
         return out
 
-    def _next_points(self, cell: _Cell) -> list[float]:
-        pending = [x for x in cell.stored if not cell.complete(x)]  # a round cut short
-        if pending:
+    def _next_points(self) -> list[tuple[_Cell, list[float]]]:
+        """Per cell, the lrs of the next round (a round cut short is finished first)."""
+        raise NotImplementedError
+
+
+class OptunaSearch(Search):
+    """An Optuna study per cell, `trials_per_cell` lrs within the cell's grid range."""
+
+    def _next_points(self) -> list[tuple[_Cell, list[float]]]:
+        return [(cell, self._next_in(cell)) for cell in self.cells.values()]
+
+    def _next_in(self, cell: _Cell) -> list[float]:
+        if pending := cell.pending():
             return pending
         n = self.settings.trials_per_cell
         want = min(self.settings.batch, n - len(cell.stored))
@@ -188,3 +218,175 @@ class OptunaSearch:
             return optuna.samplers.RandomSampler(seed=seed)
         # The design above replaces TPE's default 10 random points, most of a cell's budget.
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=0, constant_liar=True)
+
+
+# Transfer search. Steps in octaves: the first cell's design, the spacing of a larger cell's
+# first three lrs (around a prediction from one smaller cell, then from two or more), and the
+# finest gap refinement splits (a lattice of 1/16 octave, halved twice more would be noise).
+DESIGN_STEP = 1.0
+WINDOW_STEP = {1: 1.0, 2: 0.5}
+FINEST_GAP = 0.125
+
+
+class TransferSearch(Search):
+    """Telescoping search along one axis (width, say), line by line.
+
+    A line is the cells that differ only in the axis; its cells are searched smallest first,
+    one at a time, each until it is settled: its optimum interior with an interval within
+    +-target_ci, or against divergence with no gap left to split, or `trials_per_cell` lrs
+    spent. The lines run side by side.
+    """
+
+    def __init__(self, spec: SweepSpec, grid_trials: list[TrialSpec], store: Store):
+        super().__init__(spec, grid_trials, store)
+        axis = self.settings.axis
+        lines: dict[str, list[_Cell]] = defaultdict(list)
+        for cell in self.cells.values():
+            rest = cell.template.model_dump(
+                mode="json", exclude={"lr", "seed", "sweep", "device", axis}
+            )
+            lines[json.dumps(rest, sort_keys=True)].append(cell)
+        self.lines = [
+            sorted(cells, key=lambda c: getattr(c.template, axis)) for cells in lines.values()
+        ]
+        first = [line[0] for line in self.lines]
+        for cell in first:
+            design = self._design(cell)
+            if len(design) > self.settings.trials_per_cell:
+                raise SearchError(
+                    f"search.trials_per_cell {self.settings.trials_per_cell} is fewer than the "
+                    f"{len(design)} lrs that cover the smallest {axis}'s range "
+                    f"2^{cell.lo:g}..2^{cell.hi:g} an octave apart: raise it, or narrow the range"
+                )
+        self.optima: dict[int, dict] = {}  # id(cell) -> the analysis' row for it, as last read
+
+    def _design(self, cell: _Cell) -> list[float]:
+        """The smallest cell's first lrs: its grid range an octave apart (the grid's own lrs
+        where they are further apart), at least three."""
+        grid = cell.grid
+        if len(grid) >= 3 and all(b - a >= DESIGN_STEP for a, b in itertools.pairwise(grid)):
+            return grid
+        if cell.hi - cell.lo < 2 * DESIGN_STEP:
+            mid = _on_lattice((cell.lo + cell.hi) / 2)
+            return [mid - DESIGN_STEP, mid, mid + DESIGN_STEP]
+        n = math.floor((cell.hi - cell.lo) / DESIGN_STEP + 1e-9)
+        points = [cell.lo + k * DESIGN_STEP for k in range(n + 1)]
+        return points if points[-1] == cell.hi else [*points, cell.hi]
+
+    def _next_points(self) -> list[tuple[_Cell, list[float]]]:
+        if any(cell.stored for cell in self.cells.values()):
+            self._read_optima()
+        out = []
+        for line in self.lines:
+            for k, cell in enumerate(line):
+                if pending := cell.pending():
+                    out.append((cell, pending))
+                    break
+                points = self._next_in(line, k)
+                if points:
+                    out.append((cell, points))
+                    break
+        return out
+
+    def _next_in(self, line: list[_Cell], k: int) -> list[float]:
+        """The cell's next lrs; empty when it is settled."""
+        cell = line[k]
+        if not cell.stored:
+            first = self._design(cell) if k == 0 else self._window(line[:k], cell)
+            return first[: self.settings.trials_per_cell]
+        room = self.settings.trials_per_cell - len(cell.stored)
+        row = self.optima.get(id(cell))
+        if room <= 0 or row is None:  # spent, or nothing usable (every trial failed)
+            return []
+        xs = sorted(cell.stored)
+        status = row["status"]
+        if status == "all_diverged":
+            return self._free([xs[0] - max(DESIGN_STEP, xs[-1] - xs[0])], cell)
+        lower = xs[0] - max(xs[1] - xs[0] if len(xs) > 1 else 0, WINDOW_STEP[2])
+        higher = xs[-1] + max(xs[-1] - xs[-2] if len(xs) > 1 else 0, WINDOW_STEP[2])
+        if status == "too_few_lrs":  # trials failed where the window was: widen both ways
+            return self._free([lower, higher], cell)[:room]
+        if status == "edge":
+            return self._free([higher if row["edge_side"] == "high" else lower], cell)
+        best = row["argmin_log2_lr"]
+        if status == "divergence_bounded":  # the optimum lies between the best lr and the cliff
+            above = min(x for x in xs if x > best)
+            return self._split([(best, above)], cell)[:1]
+        if status != "ok":  # no_data: every stored trial failed
+            return []
+        if row["noise"] == "none" or row["half_width"] <= self.settings.target_ci:
+            return []
+        finite = row["finite"]
+        i = finite.index(best)
+        return self._split([(finite[i - 1], best), (best, finite[i + 1])], cell)[:room]
+
+    def _split(self, gaps: list[tuple[float, float]], cell: _Cell) -> list[float]:
+        """The midpoints of the gaps wider than the finest gap, widest first."""
+        wide = sorted((g for g in gaps if g[1] - g[0] > FINEST_GAP), key=lambda g: g[0] - g[1])
+        return self._free([_on_lattice((a + b) / 2) for a, b in wide], cell)
+
+    @staticmethod
+    def _free(points: list[float], cell: _Cell) -> list[float]:
+        """Points not stored yet, within the lrs a grid accepts (2^-40..2^20)."""
+        return [x for x in points if x not in cell.stored and -40 <= x <= 20]
+
+    def _window(self, smaller: list[_Cell], cell: _Cell) -> list[float]:
+        """Three lrs around the lr* the smaller cells predict for `cell`: the line through
+        their optima (log2 lr* vs log2 of the axis) at this cell, or the one optimum itself (no
+        drift assumed until two cells measure it); the nearest smaller cell's best lr where
+        none has an interior optimum."""
+        axis = self.settings.axis
+        known = [
+            (math.log2(getattr(c.template, axis)), row["log2_lr_star"])
+            for c in smaller
+            if (row := self.optima.get(id(c))) and row["status"] == "ok"
+        ]
+        if len(known) >= 2:
+            a = [u for u, _ in known]
+            b = [v for _, v in known]
+            ma, mb = sum(a) / len(a), sum(b) / len(b)
+            sxx = sum((u - ma) ** 2 for u in a)
+            slope = sum((u - ma) * (v - mb) for u, v in known) / sxx if sxx else 0.0
+            centre = mb + slope * (math.log2(getattr(cell.template, axis)) - ma)
+            step = WINDOW_STEP[2]
+        elif known:
+            centre, step = known[0][1], WINDOW_STEP[1]
+        else:
+            rows = [r for c in smaller if (r := self.optima.get(id(c)))]
+            best = [r["argmin_log2_lr"] for r in rows if math.isfinite(r["argmin_log2_lr"])]
+            if not best:  # nothing learnt from the smaller cells: search this one afresh
+                return self._design(cell)
+            centre, step = best[-1], WINDOW_STEP[1]
+        centre = _on_lattice(min(max(centre, -40 + step), 20 - step))
+        return [centre - step, centre, centre + step]
+
+    def _read_optima(self) -> None:
+        """Each cell's optimum as the analysis fits it from the store, as the report would."""
+        from analysis import find_optima, load_results
+
+        results = load_results(self.store.location)
+        optima = find_optima(results)
+        analysis_cell = dict(zip(results.trials["trial_id"], results.trials["cell"], strict=True))
+        rows = {int(r["cell"]): r for r in optima.table.to_dict("records")}
+        self.optima = {}
+        for cell in self.cells.values():
+            ids = (cell.trial(x, s).trial_id for x in cell.stored for s in cell.seeds)
+            found = next((analysis_cell[t] for t in ids if t in analysis_cell), None)
+            if found is None or int(found) not in rows:
+                continue
+            row = rows[int(found)]
+            curve = optima.curve(int(found))
+            row["finite"] = sorted(
+                float(x)
+                for x, m in zip(curve["log2_lr"], curve["mean"], strict=True)
+                if math.isfinite(m)
+            )
+            row["half_width"] = (row["ci_hi"] - row["ci_lo"]) / 2
+            self.optima[id(cell)] = row
+
+
+def make_search(spec: SweepSpec, grid_trials: list[TrialSpec], store: Store) -> Search | None:
+    """The planner of `spec.search.method`; None for the plain grid. Raises SearchError."""
+    planners = {"optuna": OptunaSearch, "transfer": TransferSearch}
+    planner = planners.get(spec.search.method)
+    return planner(spec, grid_trials, store) if planner else None

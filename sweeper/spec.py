@@ -363,15 +363,38 @@ class Execution(_Strict):
 class Search(_Strict):
     """How the lrs of each cell are chosen: every lr of the grid, or an adaptive search.
 
-    With `optuna`, each cell (everything but lr and seed) gets its own Optuna study over log2 lr
-    within the cell's grid range (its lowest to highest lr), quantized to 1/16 octave so that a
-    point proposed twice is one trial; each proposed lr runs at every seed of the grid.
+    A cell is everything but lr and seed; each lr a search proposes runs at every seed of the
+    grid, on a 1/16-octave lattice (a point proposed twice is one trial).
+
+    `optuna`: each cell gets its own Optuna study over log2 lr within the cell's grid range
+    (its lowest to highest lr), `trials_per_cell` lrs, `batch` of them per round.
+
+    `transfer`: the cells that differ only in `axis` (width, say) are searched in order of it.
+    The smallest is searched over its grid range, one octave apart, then refined around its
+    optimum; each larger one starts from three lrs around the lr* the smaller ones predict,
+    widens when its optimum lands on an edge or against divergence, and adds points beside
+    its optimum until the 95 % interval of its lr* is within +-`target_ci` octave, or it has
+    `trials_per_cell` lrs.
     """
 
-    method: Literal["grid", "optuna"] = "grid"
+    method: Literal["grid", "optuna", "transfer"] = "grid"
     trials_per_cell: Annotated[int, Field(ge=3, le=1000)] = 8  # lrs per cell, each x every seed
     sampler: Literal["tpe", "random"] = "tpe"
     batch: Annotated[int, Field(ge=1, le=64)] = 2  # lrs proposed per cell per round
+    axis: Literal["width", "depth", "batch_size"] = "width"  # transfer: the axis it follows
+    target_ci: Annotated[float, Field(gt=0, le=8)] = 0.25  # transfer: interval half-width
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> Search:
+        given = self.model_fields_set
+        wrong = {
+            "grid": given - {"method"},
+            "optuna": given & {"axis", "target_ci"},
+            "transfer": given & {"sampler", "batch"},
+        }[self.method]
+        if wrong:
+            raise ValueError(f"{', '.join(sorted(wrong))}: not a setting of method {self.method}")
+        return self
 
 
 class SweepSpec(_Strict):
