@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sweeper.spec import DataConfig
-from sweeper.store import NoStore, Store, find_stores
+from sweeper.store import STATUSES, NoStore, Store, find_stores
 
 from .errors import AnalysisError
 
@@ -117,7 +117,7 @@ class Results:
 
     def status_counts(self) -> dict[str, int]:
         counts = self.trials["status"].value_counts()
-        out = {s: int(counts.get(s, 0)) for s in ("completed", "diverged", "failed")}
+        out = {s: int(counts.get(s, 0)) for s in STATUSES}
         out["total"] = len(self.trials)
         out["no_metric"] = int((~self.trials["usable"] & (self.trials["status"] != "failed")).sum())
         out["diverged_in_fits"] = int(self.trials["diverged"].sum())

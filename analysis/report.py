@@ -21,6 +21,8 @@ import pyarrow.fs as pafs
 from rich.console import Console
 from rich.table import Table
 
+from sweeper.store import STATUSES, status_words
+
 from .load import METRIC_DESCRIPTIONS
 from .norm_transfer import summary_sentences as norm_sentences
 from .optimum import NEAR_OPTIMAL, WINDOW
@@ -233,9 +235,12 @@ def conclusions(an: Analysis) -> list[str]:
     res = an.results
     counts = res.status_counts()
     out = [
-        f"{_plural(counts['total'], 'trial')}: {counts['completed']} completed,"
-        f" {counts['diverged']} diverged,"
-        f" {counts['failed']} failed (failed trials are left out of every fit)."
+        f"{_plural(counts['total'], 'trial')}: {status_words(counts)}"
+        + (
+            " (stopped and failed trials are left out of every fit)."
+            if counts["stopped"]
+            else " (failed trials are left out of every fit)."
+        )
     ]
     usable = res.usable
     if usable.empty:
@@ -524,7 +529,8 @@ def _header(an: Analysis) -> str:
         ("sweeps", ", ".join(res.sweeps)),
     ]
     rows = [[k, v] for k, v in compared]
-    counts = [[s, str(c[s])] for s in ("total", "completed", "diverged", "failed")]
+    shown = [s for s in STATUSES if s != "stopped" or c[s]]
+    counts = [[s, str(c[s])] for s in ("total", *shown)]
     if c["no_metric"]:
         counts.append([f"completed without {res.metric}", str(c["no_metric"])])
     return (
@@ -763,7 +769,7 @@ def print_summary(
     c = an.results.status_counts()
     console.print(
         f"[bold]{', '.join(an.results.sweeps)}[/bold]: {_plural(c['total'], 'trial')},"
-        f" {c['completed']} completed, {c['diverged']} diverged, {c['failed']} failed;"
+        f" {status_words(c)};"
         f" metric {an.results.metric}"
     )
     # The terminal gets the columns that decide things; the report has them all.

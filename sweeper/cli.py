@@ -189,6 +189,7 @@ def run(
     """Run every trial of GRID not yet in its store; safe to re-run, it resumes."""
     from sweeper.orchestrate import SweepError, plan, preflight, run_sweep
     from sweeper.progress import SweepProgress
+    from sweeper.store import status_words
     from sweeper.trackers import TrackerError, tracking_for
 
     if executor not in ("ray", "local"):
@@ -304,7 +305,7 @@ def run(
         counts["not run"] = len(p.search.propose())
     else:
         counts = Counter(status_of.get(t.trial_id, "not run") for t in p.trials)
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("completed", "diverged", "failed"))
+    summary = status_words(counts)
     if counts["not run"]:
         err_console.print(
             f"[yellow]stopped early[/]: {summary}, {counts['not run']} not run yet; "
@@ -327,7 +328,7 @@ def status(
     ],
 ) -> None:
     """How many trials are stored, by status, and (for a grid file) how many are left."""
-    from sweeper.store import NoStore, find_stores
+    from sweeper.store import NoStore, find_stores, status_words
 
     if Path(target).is_file():
         from sweeper.orchestrate import SweepError, plan
@@ -349,7 +350,7 @@ def status(
             store.finished_ids()  # names damaged steps files, whose trials will run again
         except OSError as err:
             _fail(str(err))
-        summary = ", ".join(f"{counts[s]} {s}" for s in ("completed", "diverged", "failed"))
+        summary = status_words(counts)
         console.print(f"{store.location}: {sum(counts.values())} stored ({summary}){left}")
 
 

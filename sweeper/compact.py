@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 # Package-internal parts of the store: this module is the store's own maintenance.
-from sweeper.store import _TRIAL_FILE, TABLES, NoStore, Store, _View, find_stores
+from sweeper.store import _TRIAL_FILE, FINISHED, TABLES, NoStore, Store, _View, find_stores
 
 DEFAULT_PART_BYTES = 256 * 2**20  # per-trial file bytes merged into one part (of each table)
 
@@ -176,9 +176,7 @@ def _finished_own(store: Store, view: _View) -> tuple[list[str], int]:
     rows = dict(zip(tbl["trial_id"].to_pylist(), tbl["status"].to_pylist(), strict=True))
     mergeable = []
     for tid in sorted(own):
-        if rows.get(tid) not in ("completed", "diverged") or not _TRIAL_FILE.fullmatch(
-            f"{tid}.parquet"
-        ):
+        if rows.get(tid) not in FINISHED or not _TRIAL_FILE.fullmatch(f"{tid}.parquet"):
             continue
         steps, coord = view.own["steps"].get(tid), view.own["coord"].get(tid)
         if store._footer_readable(steps) and (

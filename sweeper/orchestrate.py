@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sweeper.progress import SweepProgress
-from sweeper.search import Search, SearchError, make_search
+from sweeper.search import Search, SearchError, cell_key, make_search
 from sweeper.spec import ROLE_LRS, SweepSpec, TrialSpec, expand
 from sweeper.store import Store, StoreError, StoreLocked, TrialResult
 from sweeper.trackers import Tracking
@@ -250,14 +250,17 @@ def _varying(trials: list[TrialSpec]) -> set[str]:
     }
 
 
-def _trainable(config: dict[str, Any], results: str, threads: int) -> None:
+def _trainable(config: dict[str, Any], results: str, threads: int, asha: bool) -> None:
     """The Ray Tune function trainable: one trial, its rows reported live, result stored.
 
     Each log row is one Tune result; the last one also carries the trial's summary (final and
     best losses, norms, times) and its `status`, so Tune's tables and trackers end on it.
+    With `asha`, a stop the scheduler requested ends the trial at its next row (sweeper.asha).
     """
     import torch
     from ray import tune
+
+    from sweeper.train import StopTrial
 
     spec = TrialSpec.model_validate_json(config["spec"])
     torch.set_num_threads(threads)
@@ -268,6 +271,8 @@ def _trainable(config: dict[str, Any], results: str, threads: int) -> None:
         if held:
             tune.report(_numbers(held.pop()))
         held.append(row)
+        if asha and store.stop_requested(spec.trial_id):
+            raise StopTrial(f"stopped by ASHA at step {row['step']}")
 
     try:
         result = execute_trial(spec, store, report)
@@ -391,14 +396,16 @@ def _tune(
     # Tune's experiment files are scratch (the store is the record), unless a tracker reads them.
     keep = tracking is not None and tracking.keeps_tune_folder
     storage = tracking.tune_folder if keep else _tune_scratch()
+    asha = p.spec.execution.scheduler == "asha"
     trainable = tune.with_parameters(
-        _trainable, results=p.store.root, threads=max(1, int(per_trial["cpu"]))
+        _trainable, results=p.store.root, threads=max(1, int(per_trial["cpu"])), asha=asha
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, per_trial),
         param_space=space,
         tune_config=tune.TuneConfig(
             search_alg=BasicVariantGenerator(points_to_evaluate=points),
+            scheduler=_asha(p, trials, trial_id) if asha else None,
             num_samples=len(points),
             max_concurrent_trials=p.spec.execution.max_concurrent,
             # One worker process serves trial after trial: no torch import per trial.
@@ -443,6 +450,20 @@ def _tune(
                 p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
 
 
+def _asha(p: Plan, trials: list[TrialSpec], trial_id: Callable[[Any], str]) -> Any:
+    """ASHA per cell and seed (sweeper.asha): a trial competes with its curve's other lrs."""
+    from sweeper.asha import PerCellAsha
+
+    group = {t.trial_id: f"{cell_key(t)} {t.seed}" for t in trials}
+    return PerCellAsha(
+        p.spec.execution.asha,
+        max_steps=max(t.steps for t in trials),
+        store=p.store,
+        store_id=trial_id,
+        group_of=lambda trial: group[trial_id(trial)],
+    )
+
+
 def _cuda_here() -> bool:
     import torch
 
@@ -461,6 +482,10 @@ def preflight(p: Plan, executor: Executor = "ray", **ray_options: Any) -> None:
         )
     if executor == "ray":
         return
+    if p.spec.execution.scheduler == "asha":
+        raise SweepError(
+            "execution.scheduler asha is Ray Tune's: run without --executor local (or drop it)"
+        )
     if (p.spec.train.device == "cuda" or p.spec.resources.gpu > 0) and not _cuda_here():
         asked = (
             "train.device is cuda"

@@ -65,7 +65,9 @@ class SweepProgress:
         c = self.counts
         text = (
             f"running {len(self.running)}  completed {c['completed']}  "
-            f"diverged {c['diverged']}  failed {c['failed']}"
+            f"diverged {c['diverged']}  "
+            + (f"stopped {c['stopped']}  " if c["stopped"] else "")
+            + f"failed {c['failed']}"
         )
         self._progress.update(self._task, counts=text)
 
@@ -77,7 +79,7 @@ class SweepProgress:
         began = self.running.pop(trial.trial_id, time.monotonic())
         self.counts[status] += 1
         self._progress.advance(self._task)
-        colour = {"completed": "green", "diverged": "yellow"}.get(status, "red")
+        colour = {"completed": "green", "diverged": "yellow", "stopped": "cyan"}.get(status, "red")
         self.console.print(
             f"[{colour}]{status:>9}[/] {describe(trial)}  ({time.monotonic() - began:.1f} s)"
             + (f"  {note}" if note else ""),

@@ -104,13 +104,15 @@ class Search:
     def _read_store(self) -> set[str]:
         """Fill each cell's stored points; returns the ids of failed trials."""
         tbl = self.store.read(
-            "trials", ["trial_id", "status", "final_val_loss", "initial_loss", "spec"]
+            "trials",
+            ["trial_id", "status", "final_val_loss", "best_val_loss", "initial_loss", "spec"],
         )
         for cell in self.cells.values():
             cell.stored = {}
         failed = set()
         self.n_stored = 0
-        for tid, status, final, initial, spec_json in zip(*tbl.to_pydict().values(), strict=True):
+        columns = tbl.to_pydict().values()
+        for tid, status, final, best, initial, spec_json in zip(*columns, strict=True):
             trial = TrialSpec.model_validate_json(spec_json)
             cell = self.cells.get(cell_key(trial))
             if cell is None or trial.seed not in cell.seeds:
@@ -118,6 +120,8 @@ class Search:
             if status == "failed":
                 failed.add(tid)
                 value = None
+            elif status == "stopped":  # by ASHA: its best so far, worse than it would reach
+                value = best if best is not None else initial
             else:
                 value = final if status == "completed" and final is not None else initial
             point = _on_lattice(math.log2(trial.lr))

@@ -354,10 +354,26 @@ class Resources(_Strict):
         return v
 
 
+class Asha(_Strict):
+    """Tune's ASHA on validation loss, comparing the lrs of one cell at one seed."""
+
+    grace: Annotated[float, Field(gt=0, le=1)] = 0.25  # share of the steps before any stop
+    reduction_factor: Annotated[int, Field(ge=2, le=16)] = 3  # 1 in this many goes on per rung
+
+
 class Execution(_Strict):
     # default: as many as the resources allow
     max_concurrent: Annotated[int, Field(ge=1, le=MAX_TRIALS)] | None = None
     retries: int = Field(1, ge=0, le=MAX_RETRIES)
+    # Early stopping, off by default: a transfer study wants whole loss-vs-lr curves.
+    scheduler: Literal["none", "asha"] = "none"
+    asha: Asha = Asha()
+
+    @model_validator(mode="after")
+    def _asha_settings_need_asha(self) -> Execution:
+        if "asha" in self.model_fields_set and self.scheduler != "asha":
+            raise ValueError("asha: settings of scheduler asha, but the scheduler is not asha")
+        return self
 
 
 class Search(_Strict):

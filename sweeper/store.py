@@ -15,14 +15,14 @@ files only. One controller at a time runs a sweep or a compaction: it holds the 
 (see `Store.lock`).
 
 A trial's rows live in one place: its own files (`<table>/<trial_id>.parquet`), or one compacted
-group (`<table>/part-<id>.parquet`, the same id in every table). Only finished trials (completed
-or diverged) are compacted, and a sweep never writes a finished trial again, so a trial is in a
-part or in its own files, never both. Should it be in both anyway (someone called `write_trial`
-for a compacted trial), its own file is the newer write and wins in every read of this module,
-and the next compaction drops the older copy from the part. A compaction is one transaction,
-journalled in `.incoming/compact-<id>/` (see `Store.replace_with_part`): a crash at any point
-leaves every trial readable exactly once through this module (a plain glob may miss some, never
-see one twice), and the next `prepare` or `compact` finishes it.
+group (`<table>/part-<id>.parquet`, the same id in every table). Only finished trials (completed,
+diverged or stopped) are compacted, and a sweep never writes a finished trial again, so a trial is
+in a part or in its own files, never both. Should it be in both anyway (someone called `write_trial`
+for a compacted trial), its own file is the newer write and wins in every read of this module, and
+the next compaction drops the older copy from the part. A compaction is one transaction, journalled
+in `.incoming/compact-<id>/` (see `Store.replace_with_part`): a crash at any point leaves every
+trial readable exactly once through this module (a plain glob may miss some, never see one twice),
+and the next `prepare` or `compact` finishes it.
 
 A file that cannot be read (cut short, overwritten) is skipped with a warning naming it
 (`DamagedFileWarning`); its trials count as not stored, so the next run trains them again (a
@@ -47,7 +47,7 @@ import socket
 import sys
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -96,7 +96,7 @@ TRIALS_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("trial_id", pa.string(), "stable hash of every setting that changes the result"),
     ("sweep", pa.string(), "the grid file's name"),
     ("store_version", pa.int32(), "version of this schema"),
-    ("status", pa.string(), "completed | diverged | failed"),
+    ("status", pa.string(), "completed | diverged | stopped (early, by ASHA) | failed"),
     ("model", pa.string(), "proxy model: gpt | mlp"),
     ("width", pa.int64(), "model width (embedding dimension / hidden units)"),
     ("depth", pa.int64(), "transformer blocks / hidden layers"),
@@ -216,13 +216,26 @@ def version_schema(table: str, version: int) -> pa.Schema:
     return pa.schema(fields, metadata={"sweeper_store_version": str(version)})
 
 
-STATUSES = ("completed", "diverged", "failed")
+# In the order a summary lists them. A finished trial is any but failed: it is not run again.
+STATUSES = ("completed", "diverged", "stopped", "failed")
+FINISHED = ("completed", "diverged", "stopped")
+
+
+def status_words(counts: Mapping[str, int]) -> str:
+    """'12 completed, 3 diverged, 0 failed': every status, `stopped` only when there are any
+    (only a sweep with early stopping has them)."""
+    return ", ".join(
+        f"{counts.get(s, 0)} {s}" for s in STATUSES if s != "stopped" or counts.get(s, 0)
+    )
+
 
 # The only names the store writes in its table folders: a trial's file, a compacted part, and
 # (before version 2) a temporary file.
 _TRIAL_FILE = re.compile(r"[0-9a-f]{16}\.parquet")
 _PART_FILE = re.compile(r"part-[0-9a-f]{32}\.parquet")
 _TEMP_FILE = re.compile(r"\.tmp-[0-9a-f]{32}\.parquet")
+# A request from the controller that a running trial stop early (`request_stop`).
+_STOP_FILE = re.compile(r"stop-[0-9a-f]{16}")
 # A compaction's journal: .incoming/compact-<id>/ holds the new part of each table and, once
 # committed, COMMIT.json (what the part replaces).
 _GROUP_DIR = re.compile(r"compact-([0-9a-f]{32})")
@@ -546,7 +559,7 @@ class Store:
                     self._delete(info.path)
         incoming = pafs.FileSelector(f"{self.path}/{_INCOMING}", allow_not_found=True)
         for info in self.fs.get_file_info(incoming):
-            if _TEMP_FILE.fullmatch(info.base_name):
+            if _TEMP_FILE.fullmatch(info.base_name) or _STOP_FILE.fullmatch(info.base_name):
                 self._delete(info.path)
 
     def upgrade(self) -> int:
@@ -654,6 +667,25 @@ class Store:
         if coord:
             self._write_atomic("coord", f"{tid}.parquet", pa.Table.from_pylist(coord, COORD_SCHEMA))
         self._write_atomic("trials", f"{tid}.parquet", pa.Table.from_pylist([row], TRIALS_SCHEMA))
+        if result.status == "stopped":
+            with contextlib.suppress(OSError):  # a stale request is dropped by `prepare` anyway
+                self._delete(self._stop_file(tid))
+
+    # ----------------------------------------------------------------------- early stopping
+
+    def _stop_file(self, trial_id: str) -> str:
+        return f"{self.path}/{_INCOMING}/stop-{trial_id}"
+
+    def request_stop(self, trial_id: str) -> None:
+        """Ask a running trial to stop early (ASHA's decision): the trial sees it at its next
+        log row, stores its rows with status `stopped`, and ends. The store is the one place
+        the controller and every worker reach, on one machine or a cluster."""
+        self.fs.create_dir(f"{self.path}/{_INCOMING}", recursive=True)
+        with self.fs.open_output_stream(self._stop_file(trial_id)):
+            pass
+
+    def stop_requested(self, trial_id: str) -> bool:
+        return self._exists(self._stop_file(trial_id))
 
     # ----------------------------------------------------------------------- compaction
 
@@ -992,7 +1024,8 @@ class Store:
         return set(view.own["trials"]) | self._part_ids(view)
 
     def finished_ids(self) -> set[str]:
-        """Trials that need not run again: completed or diverged (failed ones are retried).
+        """Trials that need not run again: completed, diverged or stopped (failed ones are
+        retried).
 
         A trial whose trials or steps file is damaged is not finished: it runs again and its
         files are replaced (a damaged compacted group is set aside first, see `maintain`).

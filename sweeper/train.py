@@ -10,6 +10,9 @@ loss is computed at step 0, at the first row at or after each multiple of `eval_
 the end, on a fixed held-out set: `eval_batches` batches of EVAL_BATCH_SIZE sequences, the same
 for every trial of a sweep whatever its batch size, so that losses compare across batch sizes.
 
+A sink that raises StopTrial (the controller's early stopping) ends the trial with status
+`stopped` and the rows logged so far.
+
 Divergence (a non-finite loss, or a loss above DIVERGENCE_FACTOR * max(initial loss, ln vocab)
 after warm-up) ends the trial with status `diverged`. Its rows so far are kept, plus a last
 row at the step where the loss went bad: its train_loss is the mean since the previous row when
@@ -332,6 +335,10 @@ class _Clock:
 # --------------------------------------------------------------------------- the trial
 
 
+class StopTrial(Exception):
+    """Raised by a sink to end the trial early: it ends `stopped`, its rows so far kept."""
+
+
 def run_trial(spec: TrialSpec, sink: Callable[[Row], None] | None = None) -> TrialResult:
     """Train one trial. Divergence ends it with status 'diverged'; other errors propagate."""
     started_at = datetime.now(timezone.utc)
@@ -363,7 +370,11 @@ def run_trial(spec: TrialSpec, sink: Callable[[Row], None] | None = None) -> Tri
         group["initial_lr"] = group["lr"]  # role multipliers are baked into each group's lr
 
     trainer = _Trainer(spec, model, opt, device, data, sink)
-    status, error = trainer.run()
+    try:
+        status, error = trainer.run()
+    except StopTrial as stop:
+        trainer.clock.stop()
+        status, error = "stopped", str(stop)
 
     rows = trainer.rows
     last = rows[-1]

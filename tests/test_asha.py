@@ -1,0 +1,135 @@
+"""Early stopping (execution: {scheduler: asha}): ASHA within a cell and seed, a stop that keeps
+the trial's rows, status `stopped` through the store, the CLI, resume and the analysis."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+from ray.tune.schedulers import TrialScheduler
+from test_e2e_sweep import TINY, write_grid
+
+from sweeper.asha import PerCellAsha
+from sweeper.spec import Asha, SpecError, expand, parse_spec
+from sweeper.store import Store
+from sweeper.train import StopTrial, run_trial
+
+ASHA = {
+    **TINY,
+    "train": {"steps": 40, "log_every": 4, "eval_every": 4, "eval_batches": 1},
+    "grid": {
+        "width": [32],
+        "batch_size": [4],
+        "seed": [0],
+        # the good lr first: it sets the rung's bar, which the tiny lr then fails
+        "optimizer": {"adamw": {"lr": [2**-6, 2**-20]}},
+    },
+    "execution": {"max_concurrent": 1, "retries": 0, "scheduler": "asha"},
+}
+
+
+def test_a_sink_that_stops_the_trial_keeps_its_rows(tmp_path):
+    spec = expand(parse_spec({**ASHA, "results": str(tmp_path)}), "fp")[0]
+    spec = spec.model_copy(update={"data_fingerprint": ""})
+
+    def sink(row):
+        if row["step"] >= 12:
+            raise StopTrial("stopped by ASHA at step 12")
+
+    result = run_trial(spec, sink=sink)
+    assert result.status == "stopped" and result.summary["error"].endswith("step 12")
+    assert [r["step"] for r in result.steps] == [0, 4, 8, 12]
+    assert result.summary["steps_done"] == 12 and result.summary["final_val_loss"] is None
+    store = Store(tmp_path, "tiny")
+    store.request_stop(spec.trial_id)
+    assert store.stop_requested(spec.trial_id)
+    store.write_trial(spec, result)
+    assert spec.trial_id in store.finished_ids()  # not run again
+    assert not store.stop_requested(spec.trial_id)  # the request is consumed
+
+
+def test_stale_stop_requests_are_dropped_when_a_run_starts(tmp_path):
+    store = Store(tmp_path, "tiny")
+    store.request_stop("0123456789abcdef")
+    store.prepare()
+    assert not store.stop_requested("0123456789abcdef")
+
+
+def _trial(tid):
+    return SimpleNamespace(trial_id=tid)
+
+
+def test_asha_compares_trials_only_within_their_group(tmp_path):
+    store = Store(tmp_path, "tiny")
+    group = {"a1": "cell-a", "a2": "cell-a", "b1": "cell-b"}
+    sched = PerCellAsha(
+        Asha(grace=0.25, reduction_factor=2),
+        max_steps=40,
+        store=store,
+        store_id=lambda t: f"{t.trial_id:0>16}",
+        group_of=lambda t: group[t.trial_id],
+    )
+    for tid in group:
+        sched.on_trial_add(None, _trial(tid))
+    # a1 sets cell a's bar at the first rung (10 steps); b1, far worse, is alone in cell b
+    assert sched.on_trial_result(None, _trial("a1"), {"step": 12, "val_loss": 2.0}) == "CONTINUE"
+    sched.on_trial_result(None, _trial("b1"), {"step": 12, "val_loss": 9.0})
+    assert not store.stop_requested(f"{'b1':0>16}")
+    # a2 is worse than a1 at the same rung: asked to stop, yet Tune is told to continue (the
+    # trial ends itself, its rows stored)
+    decision = sched.on_trial_result(None, _trial("a2"), {"step": 12, "val_loss": 3.0})
+    assert decision == TrialScheduler.CONTINUE
+    assert store.stop_requested(f"{'a2':0>16}")
+    # rows without an evaluation, and a trial's final report, are not judged
+    sched.on_trial_result(None, _trial("b1"), {"step": 16, "val_loss": math.nan})
+    sched.on_trial_result(None, _trial("a1"), {"step": 40, "val_loss": 9.0, "status": "completed"})
+    assert not store.stop_requested(f"{'a1':0>16}")
+
+
+@pytest.mark.parametrize(
+    "execution",
+    [
+        {"asha": {"grace": 0.5}},  # settings without the scheduler
+        {"scheduler": "asha", "asha": {"grace": 0}},
+        {"scheduler": "asha", "asha": {"reduction_factor": 1}},
+        {"scheduler": "hyperband"},
+    ],
+)
+def test_bad_scheduler_settings_are_refused(execution):
+    with pytest.raises(SpecError):
+        parse_spec({**ASHA, "execution": execution})
+
+
+def test_asha_is_refused_by_the_local_executor_before_anything_is_written(tmp_path, sweep_cli):
+    grid = write_grid(tmp_path, ASHA)
+    out = sweep_cli("run", str(grid), "--executor", "local")
+    assert out.returncode == 2 and "scheduler asha" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.ray
+def test_asha_stops_a_poor_lr_which_is_stored_and_not_run_again(tmp_path, sweep_cli, ray_address):
+    grid = write_grid(tmp_path, ASHA)
+    out = sweep_cli("run", str(grid), "--address", ray_address)
+    assert out.returncode == 0, out.stderr
+    assert "stopped" in out.stdout
+    root = tmp_path / "results" / "tiny"
+    trials = pd.read_parquet(root / "trials").set_index("lr")
+    assert trials.loc[2**-6, "status"] == "completed"
+    assert trials.loc[2**-20, "status"] == "stopped"
+    stopped = trials.loc[2**-20]
+    steps = pd.read_parquet(root / "steps")
+    rows = steps[steps["trial_id"] == stopped["trial_id"]]
+    assert 10 <= rows["step"].max() < 40  # stopped after the first rung, its rows kept
+    assert stopped["steps_done"] == rows["step"].max()
+    assert not list((root / ".incoming").glob("stop-*"))
+
+    status = sweep_cli("status", str(root))
+    assert "1 completed, 0 diverged, 1 stopped, 0 failed" in status.stdout, status.stdout
+    again = sweep_cli("run", str(grid), "--address", ray_address)
+    assert again.returncode == 0 and "2 already stored, 0 to run" in again.stdout
+    report = sweep_cli("analyze", str(root))
+    assert report.returncode == 0, report.stderr
+    assert "1 stopped" in report.stdout
