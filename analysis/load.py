@@ -119,7 +119,9 @@ class Results:
         counts = self.trials["status"].value_counts()
         out = {s: int(counts.get(s, 0)) for s in STATUSES}
         out["total"] = len(self.trials)
-        out["no_metric"] = int((~self.trials["usable"] & (self.trials["status"] != "failed")).sum())
+        out["no_metric"] = int(
+            (~self.trials["usable"] & (self.trials["status"] == "completed")).sum()
+        )
         out["diverged_in_fits"] = int(self.trials["diverged"].sum())
         return out
 

@@ -9,13 +9,15 @@ initialisation and batch order.
 
 Tune stops a trial by ending its worker, which could cut the trial off before it stores its
 rows. So the scheduler never stops a trial itself: it asks the trial to stop (a request file in
-the store, `Store.request_stop`), and the trial, at its next log row, stores what it has with
-status `stopped` and returns. A stopped trial is finished: the analysis leaves it out of the
+the store, `Store.request_stop`), and the trial, after its next log row, stores what it has with
+status `stopped` and returns. (A trial whose next row is its last, or its divergence, ends as
+that: completed or diverged.) A stopped trial is finished: the analysis leaves it out of the
 fits (its curve was cut short), and resume does not run it again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -71,7 +73,9 @@ class PerCellAsha(FIFOScheduler):
         tid = self.store_id(trial)
         if decision == TrialScheduler.STOP and tid not in self.requested:
             self.requested.add(tid)
-            self.store.request_stop(tid)
+            # A request that cannot be written only lets the trial run to its end.
+            with contextlib.suppress(OSError):
+                self.store.request_stop(tid)
         return TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:

@@ -137,12 +137,15 @@ def failed_result(error: str, started_at: datetime | None = None) -> TrialResult
 
 
 def execute_trial(
-    spec: TrialSpec, store: Store, report: Callable[[dict[str, Any]], None] | None = None
+    spec: TrialSpec,
+    store: Store,
+    report: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrialResult:
     """Train one trial and store it. Exceptions propagate (for retries)."""
     from sweeper.train import run_trial
 
-    result = run_trial(spec, sink=report)
+    result = run_trial(spec, sink=report, should_stop=should_stop)
     store.write_trial(spec, result)
     return result
 
@@ -260,8 +263,6 @@ def _trainable(config: dict[str, Any], results: str, threads: int, asha: bool) -
     import torch
     from ray import tune
 
-    from sweeper.train import StopTrial
-
     spec = TrialSpec.model_validate_json(config["spec"])
     torch.set_num_threads(threads)
     store = Store(results, spec.sweep)
@@ -271,11 +272,12 @@ def _trainable(config: dict[str, Any], results: str, threads: int, asha: bool) -
         if held:
             tune.report(_numbers(held.pop()))
         held.append(row)
-        if asha and store.stop_requested(spec.trial_id):
-            raise StopTrial(f"stopped by ASHA at step {row['step']}")
+
+    def should_stop() -> bool:
+        return store.stop_requested(spec.trial_id)
 
     try:
-        result = execute_trial(spec, store, report)
+        result = execute_trial(spec, store, report, should_stop if asha else None)
     except StoreError as err:
         # Retrying cannot help a full or read-only disk: the controller stops the sweep.
         tune.report(

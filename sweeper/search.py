@@ -13,7 +13,8 @@ twice is the same trial), and each runs at every seed of the grid. Two planners:
 - `OptunaSearch`: one Optuna study per cell over log2 lr between the lowest and highest lr the
   grid gives the cell, starting from a few points spread evenly over it. The study sees the
   mean over seeds of the final validation loss, a diverged seed counting as its initial loss
-  (a run that blew up did no better than not training).
+  (a run that blew up did no better than not training), one that ASHA stopped as its best
+  validation loss before the stop.
 - `TransferSearch`: the telescoping search of a transfer study. The cells of a line (equal but
   for the transfer axis, width say) are searched in order of it: the smallest over its whole
   grid range, each larger one near the lr* the smaller ones predict. Where a cell's optimum
@@ -56,11 +57,15 @@ class _Cell:
     lo: float  # log2 lr range, on the lattice
     hi: float
     grid: list[float]  # the grid's own lrs (log2, on the lattice)
+    # A lattice point's lr where it is not 2^point: a grid lr between two lattice points (3e-3,
+    # say) runs as given, and a trial stored at one is found again under its own id.
+    exact: dict[float, float] = field(default_factory=dict)
     # log2 lr -> seed -> the seed's value (None: the trial failed)
     stored: dict[float, dict[int, float | None]] = field(default_factory=dict)
 
     def trial(self, log2_lr: float, seed: int) -> TrialSpec:
-        return self.template.model_copy(update={"lr": 2.0**log2_lr, "seed": seed})
+        lr = self.exact.get(log2_lr, 2.0**log2_lr)
+        return self.template.model_copy(update={"lr": lr, "seed": seed})
 
     def complete(self, log2_lr: float) -> bool:
         return len(self.stored.get(log2_lr, {})) == len(self.seeds)
@@ -95,6 +100,7 @@ class Search:
                 lo=_on_lattice(min(log2s)),
                 hi=_on_lattice(max(log2s)),
                 grid=sorted({_on_lattice(x) for x in log2s}),
+                exact={_on_lattice(math.log2(t.lr)): t.lr for t in members},
             )
 
     @property
@@ -125,6 +131,7 @@ class Search:
             else:
                 value = final if status == "completed" and final is not None else initial
             point = _on_lattice(math.log2(trial.lr))
+            cell.exact.setdefault(point, trial.lr)
             cell.stored.setdefault(point, {})[trial.seed] = value
             self.n_stored += 1
         return failed
@@ -244,10 +251,13 @@ class TransferSearch(Search):
     def __init__(self, spec: SweepSpec, grid_trials: list[TrialSpec], store: Store):
         super().__init__(spec, grid_trials, store)
         axis = self.settings.axis
+        # What moves with the axis is not what tells lines apart: a batch size sets the steps
+        # (with train.tokens) and the passes per step (with train.micro_batch).
+        follows = {"batch_size": {"steps", "grad_accum"}}.get(axis, set())
         lines: dict[str, list[_Cell]] = defaultdict(list)
         for cell in self.cells.values():
             rest = cell.template.model_dump(
-                mode="json", exclude={"lr", "seed", "sweep", "device", axis}
+                mode="json", exclude={"lr", "seed", "sweep", "device", axis, *follows}
             )
             lines[json.dumps(rest, sort_keys=True)].append(cell)
         self.lines = [
@@ -312,17 +322,17 @@ class TransferSearch(Search):
             return self._free([lower, higher], cell)[:room]
         if status == "edge":
             return self._free([higher if row["edge_side"] == "high" else lower], cell)
-        best = row["argmin_log2_lr"]
+        # The lrs the fit saw (diverged ones included), and its best, on the lattice.
+        curve = row["curve"]
+        best = _on_lattice(row["argmin_log2_lr"])
+        i = curve.index(best)
         if status == "divergence_bounded":  # the optimum lies between the best lr and the cliff
-            above = min(x for x in xs if x > best)
-            return self._split([(best, above)], cell)[:1]
+            return self._split([(best, curve[i + 1])], cell)[:1]
         if status != "ok":  # no_data: every stored trial failed
             return []
         if row["noise"] == "none" or row["half_width"] <= self.settings.target_ci:
             return []
-        finite = row["finite"]
-        i = finite.index(best)
-        return self._split([(finite[i - 1], best), (best, finite[i + 1])], cell)[:room]
+        return self._split([(curve[i - 1], best), (best, curve[i + 1])], cell)[:room]
 
     def _split(self, gaps: list[tuple[float, float]], cell: _Cell) -> list[float]:
         """The midpoints of the gaps wider than the finest gap, widest first."""
@@ -379,12 +389,7 @@ class TransferSearch(Search):
             if found is None or int(found) not in rows:
                 continue
             row = rows[int(found)]
-            curve = optima.curve(int(found))
-            row["finite"] = sorted(
-                float(x)
-                for x, m in zip(curve["log2_lr"], curve["mean"], strict=True)
-                if math.isfinite(m)
-            )
+            row["curve"] = sorted({_on_lattice(x) for x in optima.curve(int(found))["log2_lr"]})
             row["half_width"] = (row["ci_hi"] - row["ci_lo"]) / 2
             self.optima[id(cell)] = row
 

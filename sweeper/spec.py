@@ -425,6 +425,16 @@ class SweepSpec(_Strict):
     search: Search = Search()
 
     @model_validator(mode="after")
+    def _asha_without_transfer(self) -> SweepSpec:
+        if self.execution.scheduler == "asha" and self.search.method == "transfer":
+            raise ValueError(
+                "execution.scheduler asha with search.method transfer: the transfer search "
+                "places each lr from the fits of whole curves, which a stopped trial does not "
+                "have; use one or the other"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _micro_batches_divide(self) -> SweepSpec:
         micro = self.train.micro_batch
         uneven = [b for b in self.grid.batch_size if micro and b > micro and b % micro]

@@ -10,8 +10,8 @@ loss is computed at step 0, at the first row at or after each multiple of `eval_
 the end, on a fixed held-out set: `eval_batches` batches of EVAL_BATCH_SIZE sequences, the same
 for every trial of a sweep whatever its batch size, so that losses compare across batch sizes.
 
-A sink that raises StopTrial (the controller's early stopping) ends the trial with status
-`stopped` and the rows logged so far.
+Early stopping: `should_stop()`, asked after each logged row but the last, ends the trial with
+status `stopped` and the rows logged so far when it says yes (the controller's ASHA).
 
 Divergence (a non-finite loss, or a loss above DIVERGENCE_FACTOR * max(initial loss, ln vocab)
 after warm-up) ends the trial with status `diverged`. Its rows so far are kept, plus a last
@@ -335,12 +335,13 @@ class _Clock:
 # --------------------------------------------------------------------------- the trial
 
 
-class StopTrial(Exception):
-    """Raised by a sink to end the trial early: it ends `stopped`, its rows so far kept."""
-
-
-def run_trial(spec: TrialSpec, sink: Callable[[Row], None] | None = None) -> TrialResult:
-    """Train one trial. Divergence ends it with status 'diverged'; other errors propagate."""
+def run_trial(
+    spec: TrialSpec,
+    sink: Callable[[Row], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrialResult:
+    """Train one trial. Divergence ends it with status 'diverged', a yes from `should_stop`
+    with 'stopped'; other errors propagate."""
     started_at = datetime.now(timezone.utc)
     wall0 = time.perf_counter()
     device = _device(spec.device)
@@ -369,12 +370,8 @@ def run_trial(spec: TrialSpec, sink: Callable[[Row], None] | None = None) -> Tri
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]  # role multipliers are baked into each group's lr
 
-    trainer = _Trainer(spec, model, opt, device, data, sink)
-    try:
-        status, error = trainer.run()
-    except StopTrial as stop:
-        trainer.clock.stop()
-        status, error = "stopped", str(stop)
+    trainer = _Trainer(spec, model, opt, device, data, sink, should_stop=should_stop)
+    status, error = trainer.run()
 
     rows = trainer.rows
     last = rows[-1]
@@ -417,8 +414,10 @@ class _Trainer:
         data: Data,
         sink: Callable[[Row], None] | None,
         log_norms: bool = True,
+        should_stop: Callable[[], bool] | None = None,
     ):
         self.spec, self.model, self.opt, self.device, self.sink = spec, model, opt, device, sink
+        self.should_stop = should_stop
         self.batches: Iterator[Batch] = train_batches(
             data, spec.batch_size, spec.seq_len, spec.seed
         )
@@ -608,6 +607,8 @@ class _Trainer:
                 )
                 window.clear()
                 last_row_step, last_row_time = step, elapsed
+                if step < spec.steps and self.should_stop and self.should_stop():
+                    return "stopped", f"stopped early at step {step}"
                 self.clock.start()
         self.clock.stop()
         return "completed", None

@@ -14,7 +14,7 @@ from test_e2e_sweep import TINY, write_grid
 from sweeper.asha import PerCellAsha
 from sweeper.spec import Asha, SpecError, expand, parse_spec
 from sweeper.store import Store
-from sweeper.train import StopTrial, run_trial
+from sweeper.train import run_trial
 
 ASHA = {
     **TINY,
@@ -30,24 +30,39 @@ ASHA = {
 }
 
 
-def test_a_sink_that_stops_the_trial_keeps_its_rows(tmp_path):
+def test_a_trial_asked_to_stop_keeps_its_rows(tmp_path):
     spec = expand(parse_spec({**ASHA, "results": str(tmp_path)}), "fp")[0]
     spec = spec.model_copy(update={"data_fingerprint": ""})
-
-    def sink(row):
-        if row["step"] >= 12:
-            raise StopTrial("stopped by ASHA at step 12")
-
-    result = run_trial(spec, sink=sink)
+    rows = []
+    result = run_trial(spec, sink=rows.append, should_stop=lambda: rows[-1]["step"] >= 12)
     assert result.status == "stopped" and result.summary["error"].endswith("step 12")
     assert [r["step"] for r in result.steps] == [0, 4, 8, 12]
     assert result.summary["steps_done"] == 12 and result.summary["final_val_loss"] is None
+    assert result.summary["best_val_loss"] is not None
     store = Store(tmp_path, "tiny")
     store.request_stop(spec.trial_id)
     assert store.stop_requested(spec.trial_id)
     store.write_trial(spec, result)
     assert spec.trial_id in store.finished_ids()  # not run again
     assert not store.stop_requested(spec.trial_id)  # the request is consumed
+
+
+def test_the_last_row_and_a_divergence_row_are_never_followed_by_a_stop(tmp_path):
+    # A stop decided on one row is read after the next: were that row the last, or the one
+    # where the loss blew up, the trial would be stored stopped instead of completed/diverged.
+    spec = expand(parse_spec({**ASHA, "results": str(tmp_path)}), "fp")[0]
+    spec = spec.model_copy(update={"data_fingerprint": ""})
+    for lr, ends in ((2.0**-6, "completed"), (2.0**6, "diverged")):
+        rows, asked_after = [], []
+
+        def ask(rows=rows, asked_after=asked_after):
+            asked_after.append(rows[-1]["step"])
+            return False
+
+        result = run_trial(spec.model_copy(update={"lr": lr}), sink=rows.append, should_stop=ask)
+        assert result.status == ends
+        assert rows[-1]["step"] not in asked_after
+        assert asked_after == [r["step"] for r in rows[1:-1]]
 
 
 def test_stale_stop_requests_are_dropped_when_a_run_starts(tmp_path):

@@ -172,3 +172,36 @@ def test_a_transfer_search_runs_then_reruns_nothing(tmp_path, sweep_cli):
     again = sweep_cli("run", str(grid), "--executor", "local")
     assert again.returncode == 0 and f"{n} already stored, 0 to run" in again.stdout
     assert len(store.trial_ids()) == n
+
+
+def test_grid_lrs_off_the_lattice_are_run_as_given_and_found_again(tmp_path):
+    # 3e-4, 1e-3, ...: between lattice points, and more than an octave apart (the design)
+    lrs = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    config = {
+        **TRANSFER,
+        "grid": {**TRANSFER["grid"], "optimizer": {"adamw": {"lr": lrs}}},
+        "search": {"method": "transfer", "trials_per_cell": 8},
+    }
+    _, loss = planted(slope=-1)
+    search, store, rounds = search_until_done(tmp_path, loss, config)
+    assert sorted({t.lr for t in rounds[0]}) == lrs
+    cell, row = cell_of(search, 32)
+    assert row["status"] == "ok" and len(cell.stored) <= 8
+
+
+def test_batch_size_lines_ignore_the_steps_it_sets(tmp_path):
+    config = {
+        **TRANSFER,
+        "train": {**TINY["train"], "tokens": 32 * 32 * 6},
+        "grid": {**TRANSFER["grid"], "width": [32], "batch_size": [4, 8]},
+        "search": {"method": "transfer", "axis": "batch_size", "trials_per_cell": 10},
+    }
+    config["train"].pop("steps", None)
+    spec = parse_spec({**config, "results": str(tmp_path)})
+    search = TransferSearch(spec, expand(spec, "fp"), Store(tmp_path, spec.name))
+    assert [[c.template.batch_size for c in line] for line in search.lines] == [[4, 8]]
+
+
+def test_asha_with_the_transfer_search_is_refused():
+    with pytest.raises(SpecError, match="scheduler asha with search.method transfer"):
+        parse_spec({**TRANSFER, "execution": {"scheduler": "asha"}})
