@@ -338,7 +338,13 @@ def status(
             p = plan(spec)
         except SweepError as err:
             _fail(str(err))
-        stores, left = [p.store], f", {p.total - p.done} of {p.total} left to run"
+        if p.search is None:
+            left = f", {p.total - p.done} of {p.total} left to run"
+        elif p.todo:  # a search's trials are not known in advance, only its next round's
+            left = f", search: {len(p.todo)} in its next round, at most {p.total - p.done} more"
+        else:
+            left = ", search: done"
+        stores = [p.store]
     else:
         try:
             stores, left = find_stores(target), ""

@@ -332,7 +332,18 @@ class TransferSearch(Search):
             return []
         if row["noise"] == "none" or row["half_width"] <= self.settings.target_ci:
             return []
-        return self._split([(curve[i - 1], best), (best, curve[i + 1])], cell)[:room]
+        # One lr a round: halfway from the best lr towards the fitted optimum's side, where it
+        # narrows the interval most (the other side once that gap is as fine as it gets).
+        left, right = (curve[i - 1], best), (best, curve[i + 1])
+        sides = [left, right] if row["log2_lr_star"] < best else [right, left]
+        return self._split_first(sides, cell)
+
+    def _split_first(self, gaps: list[tuple[float, float]], cell: _Cell) -> list[float]:
+        """The midpoint of the first gap wider than the finest gap."""
+        for gap in gaps:
+            if points := self._split([gap], cell):
+                return points
+        return []
 
     def _split(self, gaps: list[tuple[float, float]], cell: _Cell) -> list[float]:
         """The midpoints of the gaps wider than the finest gap, widest first."""

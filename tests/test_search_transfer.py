@@ -172,6 +172,9 @@ def test_a_transfer_search_runs_then_reruns_nothing(tmp_path, sweep_cli):
     again = sweep_cli("run", str(grid), "--executor", "local")
     assert again.returncode == 0 and f"{n} already stored, 0 to run" in again.stdout
     assert len(store.trial_ids()) == n
+    status = sweep_cli("status", str(grid))
+    assert status.returncode == 0 and f"{n} stored" in status.stdout
+    assert "search: done" in status.stdout
 
 
 def test_grid_lrs_off_the_lattice_are_run_as_given_and_found_again(tmp_path):
