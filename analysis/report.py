@@ -7,9 +7,11 @@ fits.json is a documented contract: every key is described in the README's "fits
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -724,8 +726,17 @@ def write_report(
     fs.create_dir(out, recursive=True)
 
     def write(name: str, data: bytes) -> None:
-        with fs.open_output_stream(f"{out}/{name}") as stream:
-            stream.write(data)
+        # Whole files or none: a full disk must not leave a figure or fits.json cut short
+        # where an earlier report's whole one was.
+        tmp = f"{out}/.{name}.tmp-{uuid.uuid4().hex}"
+        try:
+            with fs.open_output_stream(tmp) as stream:
+                stream.write(data)
+            fs.move(tmp, f"{out}/{name}")
+        except OSError:
+            with contextlib.suppress(OSError):
+                fs.delete_file(tmp)
+            raise
 
     images: dict[str, bytes | None] = {}
     files: dict[str, str | None] = {}

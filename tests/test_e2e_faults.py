@@ -209,6 +209,17 @@ def test_a_report_that_cannot_be_written_is_one_message(tmp_path, sweep_cli, a_s
     assert "Not a directory" in out.stderr
 
 
+def test_a_report_on_a_full_disk_leaves_no_file_cut_short(tmp_path, sweep_cli, a_stored_sweep):
+    with small_disk(tmp_path / "out", "48k") as disk:
+        out = sweep_cli("report", str(a_stored_sweep / "tiny"), "-o", str(disk / "rep"))
+        assert_refused(out, "No space left on device")
+        for f in (disk / "rep").iterdir():  # whatever was written is whole
+            assert not f.name.startswith("."), f"a temporary file was left: {f.name}"
+            data = f.read_bytes()
+            if f.suffix == ".png":
+                assert data.endswith(b"IEND\xaeB`\x82"), f"{f.name} is cut short"
+
+
 # --------------------------------------------------------------------------- red-team findings
 
 
