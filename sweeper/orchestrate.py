@@ -406,10 +406,13 @@ def _tune(
         tune.with_resources(trainable, per_trial),
         param_space=space,
         tune_config=tune.TuneConfig(
-            search_alg=BasicVariantGenerator(points_to_evaluate=points),
+            # The limit goes to the generator itself: Tune ignores max_concurrent_trials (with
+            # a warning) when the search algorithm is a generator rather than a Searcher.
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=points, max_concurrent=p.spec.execution.max_concurrent or 0
+            ),
             scheduler=_asha(p, trials, trial_id) if asha else None,
             num_samples=len(points),
-            max_concurrent_trials=p.spec.execution.max_concurrent,
             # One worker process serves trial after trial: no torch import per trial.
             reuse_actors=True,
             trial_name_creator=lambda trial: names[trial_id(trial)],

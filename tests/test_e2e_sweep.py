@@ -217,3 +217,15 @@ def test_malformed_grid_gives_one_clear_error(tmp_path, sweep_cli, name):
     assert expected in out.stderr
     assert out.stderr.startswith("error:") and "Traceback" not in out.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.ray
+def test_max_concurrent_holds_on_ray(tmp_path, sweep_cli, ray_address):
+    # The cluster has room for more trials at once; the grid allows one.
+    grid = write_grid(tmp_path, {**TINY, "execution": {"max_concurrent": 1, "retries": 0}})
+    out = sweep_cli("run", str(grid), "--address", ray_address)
+    assert out.returncode == 0, out.stderr
+    trials = stored(tmp_path)[0].sort_values("started_at")
+    assert len(trials) == 6
+    ends, starts = trials["finished_at"].to_numpy()[:-1], trials["started_at"].to_numpy()[1:]
+    assert (starts >= ends).all(), "two trials ran at once"
