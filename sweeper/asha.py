@@ -5,7 +5,8 @@ ASHA (asynchronous successive halving, Li et al., arXiv 1810.05934) stops a tria
 1/reduction_factor of the trials that reached the rung before it. Across a whole sweep that
 would compare a width-32 model with a width-128 one; here each cell (everything but lr) and
 seed gets its own ASHA, so a trial competes only with the other lrs of its curve, at the same
-initialisation and batch order.
+initialisation and batch order. Its state lives for one run of the controller: a resumed sweep
+starts its rungs afresh.
 
 Tune stops a trial by ending its worker, which could cut the trial off before it stores its
 rows. So the scheduler never stops a trial itself: it asks the trial to stop (a request file in
@@ -19,12 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
 from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from sweeper.spec import Asha
+from sweeper.search import cell_key
+from sweeper.spec import Asha, TrialSpec
 from sweeper.store import Store
 
 METRIC = "val_loss"  # reported by the trainable at every evaluation, NaN at other rows
@@ -32,31 +33,34 @@ TIME = "step"
 
 
 class PerCellAsha(FIFOScheduler):
-    """One ASHA per group of trials (`group_of`: a cell and seed), its stops sent as requests."""
+    """One ASHA per cell and seed, its stops sent to the store as requests.
 
-    def __init__(
-        self,
-        settings: Asha,
-        max_steps: int,
-        store: Store,
-        store_id: Callable[[Any], str],
-        group_of: Callable[[Any], str],
-    ):
+    One instance serves every round of a run (a search's rounds too), so a trial is compared
+    with every earlier trial of its group in the run, not only those of its round.
+    """
+
+    def __init__(self, settings: Asha, store: Store):
         super().__init__()
-        self.settings, self.max_steps, self.store = settings, max_steps, store
-        self.store_id, self.group_of = store_id, group_of
+        self.settings, self.store = settings, store
         self.asha: dict[str, ASHAScheduler] = {}
+        self.specs: dict[str, TrialSpec] = {}  # Tune's trial id -> the trial
         self.requested: set[str] = set()
 
+    def _spec(self, trial: Any) -> TrialSpec:
+        if trial.trial_id not in self.specs:
+            self.specs[trial.trial_id] = TrialSpec.model_validate_json(trial.config["spec"])
+        return self.specs[trial.trial_id]
+
     def _of(self, trial: Any) -> ASHAScheduler:
-        group = self.group_of(trial)
+        spec = self._spec(trial)
+        group = f"{cell_key(spec)} {spec.seed}"
         if group not in self.asha:
             self.asha[group] = ASHAScheduler(
                 time_attr=TIME,
                 metric=METRIC,
                 mode="min",
-                max_t=self.max_steps,
-                grace_period=max(1, round(self.settings.grace * self.max_steps)),
+                max_t=spec.steps,  # a cell's trials all train this many steps
+                grace_period=max(1, round(self.settings.grace * spec.steps)),
                 reduction_factor=self.settings.reduction_factor,
                 # A trial at its last step is finishing: there is nothing left to save.
                 stop_last_trials=False,
@@ -70,7 +74,7 @@ class PerCellAsha(FIFOScheduler):
         if "status" in result or not math.isfinite(result.get(METRIC, math.nan)):
             return TrialScheduler.CONTINUE  # its final report, or a row without evaluation
         decision = self._of(trial).on_trial_result(tune_controller, trial, result)
-        tid = self.store_id(trial)
+        tid = self._spec(trial).trial_id
         if decision == TrialScheduler.STOP and tid not in self.requested:
             self.requested.add(tid)
             # A request that cannot be written only lets the trial run to its end.

@@ -222,12 +222,19 @@ def run(
                     f"range, {st.batch} per round"
                 )
             else:
+                sizes = sorted({len(line) for line in p.search.lines})
+                lines = len(p.search.lines)
                 how = (
-                    f"transfer along {st.axis} in {len(p.search.lines)} lines of "
-                    f"{len(p.search.cells)} cells, smallest {st.axis} first over its range an "
-                    f"octave apart, each larger one around the lr* the smaller predict, until "
-                    f"its interval is within +-{st.target_ci:g} octave or it has "
-                    f"{st.trials_per_cell} lrs"
+                    f"transfer along {st.axis} in {lines} line{'s' * (lines != 1)} of "
+                    f"{'-'.join(map(str, sizes))} cells, smallest {st.axis} first over its "
+                    f"range an octave apart, each larger one around the lr* the smaller "
+                    f"predict, until its interval is within +-{st.target_ci:g} octave or it "
+                    f"has {st.trials_per_cell} lrs"
+                    + (
+                        f" (every line has one {st.axis}: nothing to transfer along)"
+                        if sizes == [1]
+                        else ""
+                    )
                 )
             console.print(
                 f"search: {how}, each lr at every seed: at most {p.total} trials; "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sweeper.progress import SweepProgress
-from sweeper.search import Search, SearchError, cell_key, make_search
+from sweeper.search import Search, SearchError, make_search
 from sweeper.spec import ROLE_LRS, SweepSpec, TrialSpec, expand
 from sweeper.store import Store, StoreError, StoreLocked, TrialResult
 from sweeper.trackers import Tracking
@@ -355,8 +355,13 @@ def run_ray(
                 if on_ready:
                     url = getattr(ctx, "dashboard_url", None)
                     on_ready(f"http://{url}" if url else None)
+                scheduler = None
+                if p.spec.execution.scheduler == "asha":
+                    from sweeper.asha import PerCellAsha
+
+                    scheduler = PerCellAsha(p.spec.execution.asha, p.store)
                 for trials in p.rounds():
-                    _tune(p, progress, per_trial, tracking, trials)
+                    _tune(p, progress, per_trial, tracking, trials, scheduler)
     except ClusterError as err:
         raise SweepError(str(err)) from None
 
@@ -367,8 +372,10 @@ def _tune(
     per_trial: dict[str, float],
     tracking: Tracking | None,
     trials: list[TrialSpec],
+    scheduler: Any = None,
 ) -> None:
-    """Run the plan's trials as one Tune experiment, then store those that raised as failed."""
+    """Run the plan's trials as one Tune experiment, then store those that raised as failed.
+    Raises KeyboardInterrupt when Tune ended it early on Ctrl+C (trials left unfinished)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -411,7 +418,7 @@ def _tune(
             search_alg=BasicVariantGenerator(
                 points_to_evaluate=points, max_concurrent=p.spec.execution.max_concurrent or 0
             ),
-            scheduler=_asha(p, trials, trial_id) if asha else None,
+            scheduler=scheduler,
             num_samples=len(points),
             # One worker process serves trial after trial: no torch import per trial.
             reuse_actors=True,
@@ -453,20 +460,21 @@ def _tune(
             tid = result.config["store_trial_id"]
             if tid not in finished:
                 p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
+    # Tune ends an experiment early on Ctrl+C and returns: trials neither finished (their last
+    # report carries a status) nor failed. Stop here, or a search would plan its next round.
+    if any(r.error is None and "status" not in (r.metrics or {}) for r in results):
+        raise KeyboardInterrupt
 
 
-def _asha(p: Plan, trials: list[TrialSpec], trial_id: Callable[[Any], str]) -> Any:
-    """ASHA per cell and seed (sweeper.asha): a trial competes with its curve's other lrs."""
-    from sweeper.asha import PerCellAsha
-
-    group = {t.trial_id: f"{cell_key(t)} {t.seed}" for t in trials}
-    return PerCellAsha(
-        p.spec.execution.asha,
-        max_steps=max(t.steps for t in trials),
-        store=p.store,
-        store_id=trial_id,
-        group_of=lambda trial: group[trial_id(trial)],
-    )
+def _asha_can_stop(t: TrialSpec, grace: float) -> bool:
+    """Whether ASHA could stop trial `t`: it judges evaluated rows from grace x steps on, and
+    the trial reads a stop after its next row, which must come before the last."""
+    first = max(1, round(grace * t.steps))
+    k = max(1, math.ceil(first / t.eval_every) - 1)
+    # an evaluation falls on the first log row at or after each multiple of eval_every
+    rows = [math.ceil(j * t.eval_every / t.log_every) * t.log_every for j in (k, k + 1)]
+    row = min((r for r in rows if r >= first), default=None)
+    return row is not None and row + t.log_every < t.steps
 
 
 def _cuda_here() -> bool:
@@ -484,6 +492,16 @@ def preflight(p: Plan, executor: Executor = "ray", **ray_options: Any) -> None:
     if p.spec.train.device == "cuda" and executor == "ray" and p.spec.resources.gpu == 0:
         raise SweepError(
             "train.device is cuda but resources.gpu is 0: give each trial a GPU (or a fraction)"
+        )
+    asha = p.spec.execution.asha
+    if p.spec.execution.scheduler == "asha" and not any(
+        _asha_can_stop(t, asha.grace)
+        for t in {(t.steps, t.log_every, t.eval_every): t for t in p.trials}.values()
+    ):
+        raise SweepError(
+            "execution.scheduler asha could stop no trial: none evaluates (train.eval_every) "
+            f"after {asha.grace:g} of its steps (asha.grace) with a log row (train.log_every) "
+            "still to come before its last. Evaluate more often, or lower asha.grace"
         )
     if executor == "ray":
         return

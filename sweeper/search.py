@@ -94,6 +94,13 @@ class Search:
         self.cells = {}
         for key, members in groups.items():
             log2s = [math.log2(t.lr) for t in members]
+            if len({_on_lattice(x) for x in log2s}) < 2:
+                t = members[0]
+                raise SearchError(
+                    f"search.method {spec.search.method} searches a range of lrs, but the "
+                    f"{t.optimizer} cell at width {t.width} has one lr ({t.lr:g}): give its "
+                    "lowest and highest, e.g. lr: {log2: [-12, -3, 1]}"
+                )
             self.cells[key] = _Cell(
                 template=members[0],
                 seeds=sorted({t.seed for t in members}),
@@ -105,7 +112,10 @@ class Search:
 
     @property
     def max_trials(self) -> int:
-        return sum(len(c.seeds) for c in self.cells.values()) * self.settings.trials_per_cell
+        """The most trials the search's cells will hold: trials_per_cell lrs each, or the lrs
+        the store already holds there (an earlier grid run's, say) where more."""
+        n = self.settings.trials_per_cell
+        return sum(len(c.seeds) * max(n, len(c.stored)) for c in self.cells.values())
 
     def _read_store(self) -> set[str]:
         """Fill each cell's stored points; returns the ids of failed trials."""
@@ -305,9 +315,12 @@ class TransferSearch(Search):
     def _next_in(self, line: list[_Cell], k: int) -> list[float]:
         """The cell's next lrs; empty when it is settled."""
         cell = line[k]
-        if not cell.stored:
-            first = self._design(cell) if k == 0 else self._window(line[:k], cell)
-            return first[: self.settings.trials_per_cell]
+        # The cell's first lrs, all of them before any other: a run stopped in the middle of
+        # them resumes with the rest (recomputed: the smaller cells they follow are settled).
+        first = self._design(cell) if k == 0 else self._window(line[:k], cell)
+        first = first[: self.settings.trials_per_cell]
+        if set(cell.stored) <= set(first) and (rest := self._free(first, cell)):
+            return rest
         room = self.settings.trials_per_cell - len(cell.stored)
         row = self.optima.get(id(cell))
         if room <= 0 or row is None:  # spent, or nothing usable (every trial failed)

@@ -357,7 +357,7 @@ class Resources(_Strict):
 class Asha(_Strict):
     """Tune's ASHA on validation loss, comparing the lrs of one cell at one seed."""
 
-    grace: Annotated[float, Field(gt=0, le=1)] = 0.25  # share of the steps before any stop
+    grace: Annotated[float, Field(gt=0, lt=1)] = 0.25  # share of the steps before any stop
     reduction_factor: Annotated[int, Field(ge=2, le=16)] = 3  # 1 in this many goes on per rung
 
 

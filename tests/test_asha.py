@@ -72,35 +72,34 @@ def test_stale_stop_requests_are_dropped_when_a_run_starts(tmp_path):
     assert not store.stop_requested("0123456789abcdef")
 
 
-def _trial(tid):
-    return SimpleNamespace(trial_id=tid)
-
-
-def test_asha_compares_trials_only_within_their_group(tmp_path):
+def test_asha_compares_trials_only_within_their_cell_and_seed(tmp_path):
+    config = {**ASHA, "grid": {**ASHA["grid"], "width": [32, 64]}, "results": str(tmp_path)}
+    specs = {(t.width, t.lr): t for t in expand(parse_spec(config), "fp")}
+    good, bad = 2.0**-6, 2.0**-20
+    trial = {  # Tune's trials, as the scheduler sees them
+        key: SimpleNamespace(trial_id=f"tune-{n}", config={"spec": spec.model_dump_json()})
+        for n, (key, spec) in enumerate(specs.items())
+    }
     store = Store(tmp_path, "tiny")
-    group = {"a1": "cell-a", "a2": "cell-a", "b1": "cell-b"}
-    sched = PerCellAsha(
-        Asha(grace=0.25, reduction_factor=2),
-        max_steps=40,
-        store=store,
-        store_id=lambda t: f"{t.trial_id:0>16}",
-        group_of=lambda t: group[t.trial_id],
-    )
-    for tid in group:
-        sched.on_trial_add(None, _trial(tid))
-    # a1 sets cell a's bar at the first rung (10 steps); b1, far worse, is alone in cell b
-    assert sched.on_trial_result(None, _trial("a1"), {"step": 12, "val_loss": 2.0}) == "CONTINUE"
-    sched.on_trial_result(None, _trial("b1"), {"step": 12, "val_loss": 9.0})
-    assert not store.stop_requested(f"{'b1':0>16}")
-    # a2 is worse than a1 at the same rung: asked to stop, yet Tune is told to continue (the
-    # trial ends itself, its rows stored)
-    decision = sched.on_trial_result(None, _trial("a2"), {"step": 12, "val_loss": 3.0})
+    sched = PerCellAsha(Asha(grace=0.25, reduction_factor=2), store)
+    for t in trial.values():
+        sched.on_trial_add(None, t)
+    # width 32's good lr sets its cell's bar at the first rung (10 steps); width 64's bad lr,
+    # far worse, is alone in its cell
+    decision = sched.on_trial_result(None, trial[32, good], {"step": 12, "val_loss": 2.0})
     assert decision == TrialScheduler.CONTINUE
-    assert store.stop_requested(f"{'a2':0>16}")
+    sched.on_trial_result(None, trial[64, bad], {"step": 12, "val_loss": 9.0})
+    assert not store.stop_requested(specs[64, bad].trial_id)
+    # width 32's bad lr is worse than its good one at the same rung: asked to stop, yet Tune
+    # is told to continue (the trial ends itself, its rows stored)
+    decision = sched.on_trial_result(None, trial[32, bad], {"step": 12, "val_loss": 3.0})
+    assert decision == TrialScheduler.CONTINUE
+    assert store.stop_requested(specs[32, bad].trial_id)
     # rows without an evaluation, and a trial's final report, are not judged
-    sched.on_trial_result(None, _trial("b1"), {"step": 16, "val_loss": math.nan})
-    sched.on_trial_result(None, _trial("a1"), {"step": 40, "val_loss": 9.0, "status": "completed"})
-    assert not store.stop_requested(f"{'a1':0>16}")
+    sched.on_trial_result(None, trial[64, good], {"step": 12, "val_loss": math.nan})
+    final = {"step": 40, "val_loss": 99.0, "status": "completed"}
+    sched.on_trial_result(None, trial[64, good], final)
+    assert not store.stop_requested(specs[64, good].trial_id)
 
 
 @pytest.mark.parametrize(
@@ -108,6 +107,7 @@ def test_asha_compares_trials_only_within_their_group(tmp_path):
     [
         {"asha": {"grace": 0.5}},  # settings without the scheduler
         {"scheduler": "asha", "asha": {"grace": 0}},
+        {"scheduler": "asha", "asha": {"grace": 1}},  # never a stop
         {"scheduler": "asha", "asha": {"reduction_factor": 1}},
         {"scheduler": "hyperband"},
     ],
@@ -115,6 +115,13 @@ def test_asha_compares_trials_only_within_their_group(tmp_path):
 def test_bad_scheduler_settings_are_refused(execution):
     with pytest.raises(SpecError):
         parse_spec({**ASHA, "execution": execution})
+
+
+def test_asha_that_could_stop_no_trial_is_refused(tmp_path, sweep_cli):
+    late = {**ASHA, "train": {**ASHA["train"], "eval_every": 100}}  # only the final evaluation
+    out = sweep_cli("run", str(write_grid(tmp_path, late)))
+    assert out.returncode == 2 and "could stop no trial" in out.stderr, out.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_asha_is_refused_by_the_local_executor_before_anything_is_written(tmp_path, sweep_cli):

@@ -100,6 +100,28 @@ def test_search_runs_then_reruns_nothing(tmp_path, sweep_cli):
     assert report.returncode == 0 and "adamw width=32" in report.stdout
 
 
+def test_a_search_needs_a_range_of_lrs_in_each_cell(tmp_path, sweep_cli):
+    one = {**SEARCH, "grid": {**SEARCH["grid"], "optimizer": {"adamw": {"lr": 0.01}}}}
+    grid = write_grid(tmp_path, one)
+    out = sweep_cli("run", str(grid), "--dry-run")
+    assert out.returncode == 2 and "has one lr (0.01)" in out.stderr, out.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_a_search_on_ray(tmp_path, sweep_cli, ray_address):
+    slow = {
+        **SEARCH,
+        "train": {**SEARCH["train"], "steps": 60},
+        "execution": {"max_concurrent": 1, "retries": 0},
+    }
+    grid = write_grid(tmp_path, slow)
+    trials_dir = tmp_path / "results" / "tiny" / "trials"
+    # one interrupt, early: the search must end there, not plan its next round
+    assert signal_once_stored(grid, ray_address, trials_dir, 2, signal.SIGINT) == 130
+    assert len(list(trials_dir.glob("*.parquet"))) < BUDGET
+
+
 @pytest.mark.ray
 def test_a_killed_search_resumes_without_repeating_a_stored_trial(tmp_path, sweep_cli, ray_address):
     slow = {

@@ -208,3 +208,18 @@ def test_batch_size_lines_ignore_the_steps_it_sets(tmp_path):
 def test_asha_with_the_transfer_search_is_refused():
     with pytest.raises(SpecError, match="scheduler asha with search.method transfer"):
         parse_spec({**TRANSFER, "execution": {"scheduler": "asha"}})
+
+
+def test_a_first_round_cut_short_resumes_with_the_rest_of_it(tmp_path):
+    spec = parse_spec({**TRANSFER, "results": str(tmp_path)})
+    store = Store(tmp_path, spec.name)
+    search = TransferSearch(spec, expand(spec, "fp"), store)
+    first = search.propose()
+    _, loss = planted(slope=-1)
+    done = [t for t in first if math.log2(t.lr) <= -9]  # the kill came after three lrs
+    for t in done:
+        store.write_trial(
+            t, TrialResult("completed", {"final_val_loss": loss(t), "initial_loss": 5.5})
+        )
+    again = search.propose()
+    assert {t.trial_id for t in again} == {t.trial_id for t in first} - {t.trial_id for t in done}
