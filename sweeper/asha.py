@@ -43,13 +43,14 @@ class PerCellAsha(FIFOScheduler):
         super().__init__()
         self.settings, self.store = settings, store
         self.asha: dict[str, ASHAScheduler] = {}
-        self.specs: dict[str, TrialSpec] = {}  # Tune's trial id -> the trial
+        self.specs: dict[str, TrialSpec] = {}  # the store's trial id -> the trial
         self.requested: set[str] = set()
 
     def _spec(self, trial: Any) -> TrialSpec:
-        if trial.trial_id not in self.specs:
-            self.specs[trial.trial_id] = TrialSpec.model_validate_json(trial.config["spec"])
-        return self.specs[trial.trial_id]
+        tid = trial.config["store_trial_id"]
+        if tid not in self.specs:
+            self.specs[tid] = TrialSpec.model_validate_json(trial.config["spec"])
+        return self.specs[tid]
 
     def _of(self, trial: Any) -> ASHAScheduler:
         spec = self._spec(trial)

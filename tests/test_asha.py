@@ -77,7 +77,10 @@ def test_asha_compares_trials_only_within_their_cell_and_seed(tmp_path):
     specs = {(t.width, t.lr): t for t in expand(parse_spec(config), "fp")}
     good, bad = 2.0**-6, 2.0**-20
     trial = {  # Tune's trials, as the scheduler sees them
-        key: SimpleNamespace(trial_id=f"tune-{n}", config={"spec": spec.model_dump_json()})
+        key: SimpleNamespace(
+            trial_id=f"tune-{n}",
+            config={"spec": spec.model_dump_json(), "store_trial_id": spec.trial_id},
+        )
         for n, (key, spec) in enumerate(specs.items())
     }
     store = Store(tmp_path, "tiny")
