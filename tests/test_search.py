@@ -108,14 +108,17 @@ def test_a_search_needs_a_range_of_lrs_in_each_cell(tmp_path, sweep_cli):
     assert not (tmp_path / "results").exists()
 
 
+# Trials long enough, one at a time, for a signal to land mid-search.
+SLOW = {
+    **SEARCH,
+    "train": {**SEARCH["train"], "steps": 60},
+    "execution": {"max_concurrent": 1, "retries": 0},
+}
+
+
 @pytest.mark.ray
 def test_ctrl_c_stops_a_search_on_ray(tmp_path, sweep_cli, ray_address):
-    slow = {
-        **SEARCH,
-        "train": {**SEARCH["train"], "steps": 60},
-        "execution": {"max_concurrent": 1, "retries": 0},
-    }
-    grid = write_grid(tmp_path, slow)
+    grid = write_grid(tmp_path, SLOW)
     trials_dir = tmp_path / "results" / "tiny" / "trials"
     # one interrupt, early: the search must end there, not plan its next round
     assert signal_once_stored(grid, ray_address, trials_dir, 2, signal.SIGINT) == 130
@@ -124,12 +127,7 @@ def test_ctrl_c_stops_a_search_on_ray(tmp_path, sweep_cli, ray_address):
 
 @pytest.mark.ray
 def test_a_killed_search_resumes_without_repeating_a_stored_trial(tmp_path, sweep_cli, ray_address):
-    slow = {
-        **SEARCH,
-        "train": {**SEARCH["train"], "steps": 60},
-        "execution": {"max_concurrent": 1, "retries": 0},
-    }
-    grid = write_grid(tmp_path, slow)
+    grid = write_grid(tmp_path, SLOW)
     trials_dir = tmp_path / "results" / "tiny" / "trials"
     signal_once_stored(grid, ray_address, trials_dir, 10, signal.SIGKILL)
     kept = {p.name: p.stat().st_mtime_ns for p in trials_dir.glob("*.parquet")}
