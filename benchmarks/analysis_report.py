@@ -13,12 +13,12 @@ import cProfile
 import io
 import json
 import pstats
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from machine import machine
+from synthetic_store import ensure_store
 
 from analysis.load import _STEPS_READ, _TRIAL_READ, load_results
 from analysis.pipeline import analyze
@@ -27,8 +27,6 @@ from analysis.report import build_fits, render_html, write_report
 from analysis.synthetic import (
     PlantedOptimizer,
     SyntheticConfig,
-    synthetic_trials,
-    write_synthetic_store,
 )
 from sweeper.store import Store
 
@@ -55,24 +53,6 @@ CONFIG = SyntheticConfig(
     batch_exponent=0.5,
     diverge_octaves=3.0,
 )
-
-
-def ensure_store(root: Path) -> tuple[Path, float | None, bool]:
-    """(sweep folder, seconds it took to build, reused?)."""
-    path = root / CONFIG.name
-    sidecar = root / f"{CONFIG.name}.build.json"
-    expected = len(synthetic_trials(CONFIG))
-    trials = path / "trials"
-    if trials.is_dir() and sum(1 for _ in trials.glob("*.parquet")) == expected:
-        built = json.loads(sidecar.read_text())["build_s"] if sidecar.exists() else None
-        return path, built, True
-    if path.exists():
-        shutil.rmtree(path)
-    t = time.perf_counter()
-    write_synthetic_store(root, CONFIG)
-    build_s = time.perf_counter() - t
-    sidecar.write_text(json.dumps({"build_s": build_s}))
-    return path, build_s, False
 
 
 def raw_reads(path: Path) -> dict:
@@ -130,7 +110,7 @@ def main() -> None:
         (results_dir / "analysis_report.md").write_text(markdown(record))
         return
     root = Path(args.root)
-    path, build_s, reused = ensure_store(root)
+    path, build_s, reused = ensure_store(root, CONFIG)
     out = root / "report"
 
     totals = []

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from machine import machine
+from synthetic_store import ensure_store
 
 from analysis.load import _STEPS_READ, _TRIAL_READ, load_results
 from analysis.report import write_report
@@ -30,7 +31,6 @@ from analysis.synthetic import (
     PlantedOptimizer,
     SyntheticConfig,
     synthetic_trials,
-    write_synthetic_store,
 )
 from sweeper.compact import compact
 from sweeper.store import TABLES, Store
@@ -57,20 +57,6 @@ CONFIG = SyntheticConfig(
     failed_every=97,  # a few failed trials, which keep their own files
 )
 SWEEP = Path(sys.executable).parent / "sweep"
-
-
-def ensure_store(root: Path) -> tuple[Path, float | None, bool]:
-    """(the per-trial store, seconds it took to build, reused?)."""
-    path = root / "per-trial" / CONFIG.name
-    trials = path / "trials"
-    expected = len(synthetic_trials(CONFIG))
-    if trials.is_dir() and sum(1 for _ in trials.glob("*.parquet")) == expected:
-        return path, None, True
-    if path.exists():
-        shutil.rmtree(path)
-    t = time.perf_counter()
-    write_synthetic_store(path.parent, CONFIG)
-    return path, time.perf_counter() - t, False
 
 
 def layout(path: Path) -> dict:
@@ -139,7 +125,7 @@ def main() -> None:
         return
 
     root = Path(args.root)
-    source, build_s, reused = ensure_store(root)
+    source, build_s, reused = ensure_store(root / "per-trial", CONFIG)
     # A store as an older version left it is upgraded by the first `prepare`: done here, untimed,
     # so that both columns time the steady state.
     with Store(source.parent, source.name).lock():
