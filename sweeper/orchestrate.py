@@ -405,9 +405,11 @@ def _tune(
     # Tune's experiment files are scratch (the store is the record), unless a tracker reads them.
     keep = tracking is not None and tracking.keeps_tune_folder
     storage = tracking.tune_folder if keep else _tune_scratch()
-    asha = p.spec.execution.scheduler == "asha"
     trainable = tune.with_parameters(
-        _trainable, results=p.store.root, threads=max(1, int(per_trial["cpu"])), asha=asha
+        _trainable,
+        results=p.store.root,
+        threads=max(1, int(per_trial["cpu"])),
+        asha=scheduler is not None,
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, per_trial),

@@ -54,14 +54,22 @@ def _on_lattice(log2_lr: float) -> float:
 class _Cell:
     template: TrialSpec  # any trial of the cell: the others differ in lr and seed only
     seeds: list[int]
-    lo: float  # log2 lr range, on the lattice
-    hi: float
-    grid: list[float]  # the grid's own lrs (log2, on the lattice)
+    grid: list[float]  # the grid's own lrs (log2, on the lattice, ascending)
     # A lattice point's lr where it is not 2^point: a grid lr between two lattice points (3e-3,
     # say) runs as given, and a trial stored at one is found again under its own id.
     exact: dict[float, float] = field(default_factory=dict)
     # log2 lr -> seed -> the seed's value (None: the trial failed)
     stored: dict[float, dict[int, float | None]] = field(default_factory=dict)
+
+    @property
+    def lo(self) -> float:
+        """The cell's lr range in log2, on the lattice: its lowest grid lr..."""
+        return self.grid[0]
+
+    @property
+    def hi(self) -> float:
+        """...and its highest."""
+        return self.grid[-1]
 
     def trial(self, log2_lr: float, seed: int) -> TrialSpec:
         lr = self.exact.get(log2_lr, 2.0**log2_lr)
@@ -93,8 +101,8 @@ class Search:
             groups[cell_key(t)].append(t)
         self.cells = {}
         for key, members in groups.items():
-            log2s = [math.log2(t.lr) for t in members]
-            if len({_on_lattice(x) for x in log2s}) < 2:
+            exact = {_on_lattice(math.log2(t.lr)): t.lr for t in members}
+            if len(exact) < 2:
                 t = members[0]
                 raise SearchError(
                     f"search.method {spec.search.method} searches a range of lrs, but the "
@@ -104,10 +112,8 @@ class Search:
             self.cells[key] = _Cell(
                 template=members[0],
                 seeds=sorted({t.seed for t in members}),
-                lo=_on_lattice(min(log2s)),
-                hi=_on_lattice(max(log2s)),
-                grid=sorted({_on_lattice(x) for x in log2s}),
-                exact={_on_lattice(math.log2(t.lr)): t.lr for t in members},
+                grid=sorted(exact),
+                exact=exact,
             )
 
     @property
