@@ -10,8 +10,14 @@ code. Records trials used, wall time and each cell's distance of lr* from the de
 the machine, in benchmarks/results/search.md.
 
     .venv/bin/python benchmarks/search.py [--methods transfer optuna] [--work DIR]
+    .venv/bin/python benchmarks/search.py --replay DENSE_STORE [--methods ...]
 
 With --work, stores are kept there and a dense store already complete is not run again.
+
+--replay runs each search without training (benchmarks/replay.py): every trial it proposes is
+copied from a dense store of the same grid, so it takes seconds and gives the trials and lr*s a
+real run gives on the machine that trained that store. It prints the table and writes nothing
+to benchmarks/results.
 """
 
 from __future__ import annotations
@@ -90,6 +96,26 @@ def run(method: str, work: Path) -> dict:
     return result
 
 
+def replay(method: str, dense_store: Path, work: Path) -> dict:
+    """The search run against the trials of a dense store instead of training them."""
+    from replay import replay_search
+
+    from sweeper.data import fingerprint
+    from sweeper.spec import parse_spec
+
+    grid = yaml.safe_load(GRID.read_text())
+    grid.update(results=str(work), name=f"replay-{method}", search=SEARCHES[method])
+    path, rounds = replay_search(grid, dense_store, fingerprint(parse_spec(grid).data))
+    return {
+        "method": method,
+        "search": SEARCHES[method],
+        "trials": len(list((path / "trials").glob("*.parquet"))),
+        "rounds": rounds,
+        "wall_s": None,
+        "optima": optima(path),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--methods", nargs="+", default=["transfer", "transfer-0.5", "optuna"])
@@ -97,8 +123,18 @@ def main() -> None:
     parser.add_argument(
         "--render", action="store_true", help="only rewrite search.md from search.json"
     )
+    parser.add_argument("--replay", type=Path, help="replay the searches on this dense store")
     args = parser.parse_args()
     out = ROOT / "benchmarks" / "results"
+    if args.replay:
+        with tempfile.TemporaryDirectory() as tmp:
+            dense = {"method": "dense", "wall_s": None, "optima": optima(args.replay)}
+            dense["trials"] = len(list((args.replay / "trials").glob("*.parquet")))
+            runs = [replay(m, args.replay, Path(tmp)) for m in args.methods]
+        quickstart = {"trials": 0, "optima": {}}
+        result = {"machine": machine(), "dense": dense, "runs": runs, "quickstart_grid": quickstart}
+        print(markdown(result))
+        return
     if args.render:
         (out / "search.md").write_text(markdown(json.loads((out / "search.json").read_text())))
         return
@@ -128,7 +164,9 @@ def _distances(run: dict, dense: dict) -> dict[str, float]:
 def markdown(r: dict) -> str:
     m, dense = r["machine"], r["dense"]
     quick = r["quickstart_grid"]
-    rows = [*r["runs"], {"method": "quickstart grid (narrowed by hand)", "wall_s": None, **quick}]
+    rows = list(r["runs"])
+    if quick["optima"]:
+        rows.append({"method": "quickstart grid (narrowed by hand)", "wall_s": None, **quick})
     lines = [
         "# Adaptive search vs a dense grid (quickstart cells, 3 seeds)",
         "",

@@ -218,18 +218,19 @@ def run(
             if st.method == "optuna":
                 how = (
                     f"optuna ({st.sampler}) in each of {len(p.search.cells)} cells, "
-                    f"{st.trials_per_cell} lrs per cell on a 1/16-octave lattice within its "
-                    f"range, {st.batch} per round"
+                    f"{st.trials_per_cell} of its grid lrs per cell, each at every seed, "
+                    f"{st.batch} per round"
                 )
             else:
                 sizes = sorted({len(line) for line in p.search.lines})
                 lines = len(p.search.lines)
                 how = (
                     f"transfer along {st.axis} in {lines} line{'s' * (lines != 1)} of "
-                    f"{'-'.join(map(str, sizes))} cells, smallest {st.axis} first over its "
-                    f"range an octave apart, each larger one around the lr* the smaller "
-                    f"predict, until its interval is within +-{st.target_ci:g} octave or it "
-                    f"has {st.trials_per_cell} lrs"
+                    f"{'-'.join(map(str, sizes))} cells: the smallest {st.axis} scanned over "
+                    f"its range at one seed, then around each cell's best lr the grid lrs the "
+                    f"fit uses (every seed near it, fewer further out) until its interval is "
+                    f"within +-{st.target_ci:g} octave; about {p.search.expected_trials} trials "
+                    "when each wider optimum is where the smaller ones predict"
                     + (
                         f" (every line has one {st.axis}: nothing to transfer along)"
                         if sizes == [1]
@@ -237,8 +238,9 @@ def run(
                     )
                 )
             console.print(
-                f"search: {how}, each lr at every seed: at most {p.total} trials; "
-                f"{p.done} stored, {len(p.todo)} in the first round -> {p.store.location}"
+                f"search: {how}; at most {p.total} trials ({st.trials_per_cell} lrs' worth "
+                f"per cell), of the grid's {len(p.trials)}; {p.done} stored, {len(p.todo)} in "
+                f"the first round -> {p.store.location}"
             )
         else:
             finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
@@ -320,6 +322,8 @@ def run(
         )
         raise typer.Exit(130)
     console.print(f"done: {summary}.")
+    if p.search and (note := p.search.shortfall()):
+        console.print(f"search: {note}.")
     if then_report:
         report(p.store.location)
     else:
@@ -350,7 +354,7 @@ def status(
         elif p.todo:  # a search's trials are not known in advance, only its next round's
             left = f", search: {len(p.todo)} in its next round, at most {p.total - p.done} more"
         else:
-            left = ", search: done"
+            left = ", search: done" + (f"; {note}" if (note := p.search.shortfall()) else "")
         stores = [p.store]
     else:
         try:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -102,6 +103,24 @@ class SpecError(ValueError):
 class _Strict(BaseModel):
     # allow_inf_nan=False: .inf and .nan are refused wherever a float is accepted.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_or_no_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes/no/true/false as booleans, which pydantic would take as 1 and 0
+        # (`steps: yes` would train one step).
+        if _takes_numbers(cls.model_fields[info.field_name].annotation):
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, bool):
+                    raise ValueError(f"{str(v).lower()} is a yes/no, not a number")
+        return value
+
+
+def _takes_numbers(annotation: Any) -> bool:
+    """Whether a field's type holds ints or floats (bool aside), however nested."""
+    if annotation is int or annotation is float:
+        return True
+    return any(_takes_numbers(a) for a in get_args(annotation))
 
 
 def _as_list(value: Any) -> list:
@@ -379,22 +398,26 @@ class Execution(_Strict):
 class Search(_Strict):
     """How the lrs of each cell are chosen: every lr of the grid, or an adaptive search.
 
-    A cell is everything but lr and seed; each lr a search proposes runs at every seed of the
-    grid, on a 1/16-octave lattice (a point proposed twice is one trial).
+    A cell is everything but lr and seed. A search chooses among the grid's own lrs (the grid's
+    trials, with their ids): the grid says which lrs a cell may take and, by its step, how
+    finely its optimum can be located. A cell may hold at most `trials_per_cell` lrs' worth of
+    trials, `trials_per_cell` x its seeds.
 
-    `optuna`: each cell gets its own Optuna study over log2 lr within the cell's grid range
-    (its lowest to highest lr), `trials_per_cell` lrs, `batch` of them per round.
+    `optuna`: each cell gets its own Optuna study over its grid lrs, `trials_per_cell` lrs at
+    every seed, `batch` of them per round.
 
     `transfer`: the cells that differ only in `axis` (width, say) are searched in order of it.
-    The smallest is searched over its grid range, one octave apart, then refined around its
-    optimum; each larger one starts from three lrs around the lr* the smaller ones predict,
-    widens when its optimum lands on an edge or against divergence, and adds points beside
-    its optimum until the 95 % interval of its lr* is within +-`target_ci` octave, or it has
-    `trials_per_cell` lrs.
+    The smallest is scanned over its grid range at one seed, about two octaves apart; each
+    larger one starts around the lr* the smaller ones predict. Around a cell's best lr it runs
+    the lrs the analysis' fit uses (two octaves either side): every seed next to the best lr,
+    fewer further out; it follows the best lr when it moves, and adds seeds and lrs there until
+    the 95 % interval of the cell's lr* is within +-`target_ci` octave or the window holds the
+    whole grid at every seed.
     """
 
     method: Literal["grid", "optuna", "transfer"] = "grid"
-    trials_per_cell: Annotated[int, Field(ge=3, le=1000)] = 8  # lrs per cell, each x every seed
+    # the most trials per cell, in lrs at every seed: trials_per_cell x seeds
+    trials_per_cell: Annotated[int, Field(ge=3, le=1000)] = 8
     sampler: Literal["tpe", "random"] = "tpe"
     batch: Annotated[int, Field(ge=1, le=64)] = 2  # lrs proposed per cell per round
     axis: Literal["width", "depth", "batch_size"] = "width"  # transfer: the axis it follows

@@ -18,7 +18,7 @@ GRIDS = sorted(EXPERIMENTS.rglob("*.yaml"))
 STUDIES = ("cpu", "gpu")  # the two scales every study comes in
 
 # a grid's count, or a search's most
-COUNT = re.compile(r"^(\d+) trials: \d+ stored, \d+ to run|at most (\d+) trials;", re.MULTILINE)
+COUNT = re.compile(r"^(\d+) trials: \d+ stored, \d+ to run|at most (\d+) trials\b", re.MULTILINE)
 HEADER_TRIALS = re.compile(r"^# Trials: (\d+)\b", re.MULTILINE)
 
 
