@@ -127,7 +127,7 @@ def bench_width(width: int, args: argparse.Namespace) -> dict:
     norm_s = statistics.median(norm_event(fast) for _ in range(args.norm_repeats))
     exact_s = statistics.median(norm_event(exact) for _ in range(args.norm_repeats))
     # How far the estimate is from the SVD on these (trained a few steps) weights.
-    est, ref = fast.norms()["hidden_rms_to_rms"], exact.norms()["hidden_rms_to_rms"]
+    est, ref = fast.norms()[0]["hidden_rms_to_rms"], exact.norms()[0]["hidden_rms_to_rms"]
 
     tokens = spec.batch_size * spec.seq_len
     L = args.log_every

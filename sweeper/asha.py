@@ -24,7 +24,6 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from sweeper.search import cell_key
 from sweeper.spec import Asha, TrialSpec
 from sweeper.store import Store
 
@@ -54,7 +53,7 @@ class PerCellAsha(FIFOScheduler):
 
     def _of(self, trial: Any) -> ASHAScheduler:
         spec = self._spec(trial)
-        group = f"{cell_key(spec)} {spec.seed}"
+        group = f"{spec.cell} {spec.seed}"
         if group not in self.asha:
             self.asha[group] = ASHAScheduler(
                 time_attr=TIME,

@@ -79,6 +79,19 @@ def _octave(x: float) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
+def _bundling(spec: SweepSpec) -> str:
+    """How the trials train, when not one by one, or why not when bundles were asked for."""
+    size = spec.bundle_size
+    if size > 1:
+        return f", in bundles of up to {size} (a cell's trials as one model)"
+    if spec.execution.bundle != 1 and spec.execution.scheduler != "asha":
+        return (
+            " one by one (execution.bundle applies on GPUs: on CPUs batching costs more than "
+            "it saves; execution.bundle_on_cpu: true bundles anyway)"
+        )
+    return ""
+
+
 def _cells_table(trials: list[TrialSpec], finished: set[str], search: bool = False) -> Table:
     """One row per cell (everything but lr and seed), with its lr range and progress (for a
     search, only the range it searches: its trials are not known in advance)."""
@@ -240,14 +253,14 @@ def run(
             console.print(
                 f"search: {how}; at most {p.total} trials ({st.trials_per_cell} lrs' worth "
                 f"per cell), of the grid's {len(p.trials)}; {p.done} stored, {len(p.todo)} in "
-                f"the first round -> {p.store.location}"
+                f"the first round{_bundling(spec)} -> {p.store.location}"
             )
         else:
             finished = {t.trial_id for t in p.trials} - {t.trial_id for t in p.todo}
             console.print(_cells_table(p.trials, finished))
             console.print(
-                f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run "
-                f"-> {p.store.location}"
+                f"{len(p.trials)} trials: {p.done} stored, {len(p.todo)} to run"
+                f"{_bundling(spec)} -> {p.store.location}"
             )
         if p.data_error:
             err_console.print(f"[yellow]warning:[/] data: {escape(p.data_error)} (needed to run)")
@@ -264,7 +277,7 @@ def run(
     console.print(
         f"[bold]{spec.name}[/]: {p.total} trials{' at most (search)' if p.search else ''}, "
         f"{p.done} already stored, {len(p.todo)} to run"
-        f"{' in the first round' if p.search else ''} -> {p.store.location}"
+        f"{' in the first round' if p.search else ''}{_bundling(spec)} -> {p.store.location}"
     )
 
     def announce(url: str | None) -> None:

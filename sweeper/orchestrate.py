@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import shutil
 import tempfile
 import traceback
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from sweeper.progress import SweepProgress
+from sweeper.progress import SweepProgress, member_label
 from sweeper.search import Search, SearchError, make_search
 from sweeper.spec import ROLE_LRS, SweepSpec, TrialSpec, expand
 from sweeper.store import Store, StoreError, StoreLocked, TrialResult
@@ -150,6 +152,62 @@ def execute_trial(
     return result
 
 
+def execute_bundle(
+    members: list[TrialSpec],
+    store: Store,
+    reports: list[Callable[[dict[str, Any]], None] | None] | None = None,
+    stored: dict[str, str] | None = None,
+    share: float = 1.0,
+) -> list[TrialResult]:
+    """Train a bundle (trials of one cell, as one model) and store each member as its own
+    trial; as many members as fit in the memory of `share` of the device train at once
+    (train.members_that_fit), the rest after them. `stored` (trial id -> status) is filled as
+    members are stored, so a caller that retries after an error knows which are done.
+    Exceptions propagate."""
+    from sweeper.train import members_that_fit, run_bundle
+
+    reports = reports or [None] * len(members)
+    results: list[TrialResult] = []
+    size = members_that_fit(members[0], len(members), share)
+    for i in range(0, len(members), size):
+        done = run_bundle(members[i : i + size], reports[i : i + size])
+        for spec, result in zip(members[i : i + size], done, strict=True):
+            store.write_trial(spec, result)
+            if stored is not None:
+                stored[spec.trial_id] = result.status
+        results += done
+    return results
+
+
+# --------------------------------------------------------------------------- bundles
+
+
+def _share(spec: SweepSpec) -> float:
+    """The share of its device one trial is given: its GPU fraction, or its CPUs' share."""
+    if spec.resources.gpu > 0:
+        return spec.resources.gpu
+    return spec.resources.cpu / (os.cpu_count() or 1)
+
+
+def bundles(trials: list[TrialSpec], size: int) -> list[list[TrialSpec]]:
+    """The trials in bundles of at most `size`, each of one cell (its members differ in lr and
+    seed only): as few per cell as the size allows, of even sizes, a seed's members side by
+    side (they share batches). Cells keep the order of the trials."""
+    if size <= 1:
+        return [[t] for t in trials]
+    cells: dict[str, list[TrialSpec]] = defaultdict(list)
+    for t in trials:
+        cells[t.cell].append(t)
+    out = []
+    for members in cells.values():
+        members.sort(key=lambda t: (t.seed, t.lr))
+        n = math.ceil(len(members) / size)
+        q, r = divmod(len(members), n)
+        starts = [j * q + min(j, r) for j in range(n + 1)]
+        out += [members[a:b] for a, b in itertools.pairwise(starts)]
+    return out
+
+
 def _stopped(err: StoreError, store: Store) -> SweepError:
     try:
         stored = f"the {len(store.trial_ids())} trials stored"
@@ -190,24 +248,31 @@ def _error_text(err: BaseException) -> str:
 
 
 def run_local(p: Plan, progress: SweepProgress, trials: list[TrialSpec]) -> None:
-    """Run the trials one after another in this process, with the same retries as on Ray."""
+    """Run the trials (in bundles) one after another in this process, with the same retries
+    as on Ray."""
     import torch
 
     torch.set_num_threads(max(1, int(p.spec.resources.cpu)))
-    for trial in trials:
-        progress.started(trial)
+    for members in bundles(trials, p.spec.bundle_size):
+        for trial in members:
+            progress.started(trial)
         started = datetime.now(timezone.utc)
+        statuses: dict[str, str] = {}
         for attempt in range(p.spec.execution.retries + 1):
-            try:
-                status = execute_trial(trial, p.store).status
+            try:  # a retry runs the members not stored yet
+                todo = [t for t in members if t.trial_id not in statuses]
+                execute_bundle(todo, p.store, stored=statuses, share=_share(p.spec))
                 break
             except (KeyboardInterrupt, StoreError):
                 raise  # retrying cannot help a full or read-only disk
             except Exception as err:  # a broken trial must not stop the sweep
                 if attempt == p.spec.execution.retries:
-                    p.store.write_trial(trial, failed_result(_error_text(err), started))
-                    status = "failed"
-        progress.finished(trial, status)
+                    for trial in members:
+                        if trial.trial_id not in statuses:
+                            p.store.write_trial(trial, failed_result(_error_text(err), started))
+                            statuses[trial.trial_id] = "failed"
+        for trial in members:
+            progress.finished(trial, statuses[trial.trial_id])
 
 
 # --------------------------------------------------------------------------- Ray Tune
@@ -229,14 +294,45 @@ def tune_config(trial: TrialSpec) -> dict[str, Any]:
     return config
 
 
+def bundle_config(members: list[TrialSpec]) -> dict[str, Any]:
+    """A bundle as Tune's config: what its members share as flat scalars, their lrs and seeds
+    as text, and the members' specs as one JSON list (Tune reads a list in a config as more
+    config to expand)."""
+    config = tune_config(members[0])
+    for key in ("lr", "log2_lr", "seed", "spec"):
+        del config[key]
+    config["members"] = len(members)
+    config["lrs"] = " ".join(f"{t.lr:g}" for t in members)
+    config["seeds"] = " ".join(str(t.seed) for t in members)
+    config["specs"] = json.dumps([t.model_dump(mode="json") for t in members])
+    return config
+
+
 def trial_name(trial: TrialSpec, varying: set[str]) -> str:
     """`adamw-w128-lr2^-7-s0`, with depth, batch, steps and settings when the sweep varies them."""
-    parts = [trial.optimizer, f"w{trial.width}", f"lr2^{math.log2(trial.lr):g}"]
+    return _name(trial, varying, f"lr2^{math.log2(trial.lr):g}", f"s{trial.seed}")
+
+
+def bundle_name(members: list[TrialSpec], varying: set[str]) -> str:
+    """`adamw-w128-lr2^-9..-6-s0..2-x8`: a bundle by its members' lrs and seeds; one member's
+    is its trial's name."""
+    if len(members) == 1:
+        return trial_name(members[0], varying)
+    lrs = sorted(math.log2(t.lr) for t in members)
+    seeds = sorted(t.seed for t in members)
+    return (
+        _name(members[0], varying, f"lr2^{lrs[0]:g}..{lrs[-1]:g}", f"s{seeds[0]}..{seeds[-1]}")
+        + f"-x{len(members)}"
+    )
+
+
+def _name(trial: TrialSpec, varying: set[str], lr: str, seed: str) -> str:
+    parts = [trial.optimizer, f"w{trial.width}", lr]
     for key, short in (("depth", "d"), ("batch_size", "b"), ("steps", "t"), ("model", "")):
         if key in varying:
             parts.append(f"{short}{getattr(trial, key)}")
     parts += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in _settings(trial)]
-    parts.append(f"s{trial.seed}")
+    parts.append(seed)
     return "-".join(parts)
 
 
@@ -253,18 +349,26 @@ def _varying(trials: list[TrialSpec]) -> set[str]:
     }
 
 
-def _trainable(config: dict[str, Any], results: str, threads: int, asha: bool) -> None:
-    """The Ray Tune function trainable: one trial, its rows reported live, result stored.
+def _trainable(
+    config: dict[str, Any], results: str, threads: int, asha: bool, share: float
+) -> None:
+    """The Ray Tune function trainable: one trial, or a bundle of them, its rows reported live
+    and its results stored.
 
     Each log row is one Tune result; the last one also carries the trial's summary (final and
     best losses, norms, times) and its `status`, so Tune's tables and trackers end on it.
+    A bundle reports one result per step, each member's row under its label
+    (`log2lr-7-s0/train_loss`), and the last one each member's `<label>/status`.
     With `asha`, a stop the scheduler requested ends the trial at its next row (sweeper.asha).
     """
     import torch
     from ray import tune
 
-    spec = TrialSpec.model_validate_json(config["spec"])
     torch.set_num_threads(threads)
+    if "specs" in config:
+        _train_bundle(config, results, share)
+        return
+    spec = TrialSpec.model_validate_json(config["spec"])
     store = Store(results, spec.sweep)
     held: list[dict[str, Any]] = []  # the latest row, held back until the next one comes
 
@@ -286,6 +390,33 @@ def _trainable(config: dict[str, Any], results: str, threads: int, asha: bool) -
         return
     summary = {k: v for k, v in result.summary.items() if isinstance(v, int | float) or v is None}
     tune.report({**_numbers({**(held[0] if held else {}), **summary}), "status": result.status})
+
+
+def _train_bundle(config: dict[str, Any], results: str, share: float) -> None:
+    from ray import tune
+
+    members = [TrialSpec.model_validate(s) for s in json.loads(config["specs"])]
+    store = Store(results, members[0].sweep)
+    labels = [member_label(t) for t in members]
+    pending: dict[str, Any] = {}  # this step's rows, reported when the next step's come
+
+    def reporter(label: str) -> Callable[[dict[str, Any]], None]:
+        def report(row: dict[str, Any]) -> None:
+            if pending and pending["step"] != row["step"]:
+                tune.report(_numbers(pending))
+                pending.clear()
+            pending["step"] = row["step"]
+            pending.update({f"{label}/{k}": v for k, v in row.items() if k != "step"})
+
+        return report
+
+    try:
+        done = execute_bundle(members, store, [reporter(lb) for lb in labels], share=share)
+    except StoreError as err:
+        tune.report({**_numbers(pending), "status": "not stored", "store_error": str(err)})
+        return
+    statuses = {f"{lb}/status": r.status for lb, r in zip(labels, done, strict=True)}
+    tune.report({**_numbers(pending), **statuses, "status": "done"})
 
 
 def _numbers(row: dict[str, Any]) -> dict[str, Any]:
@@ -360,10 +491,65 @@ def run_ray(
                     from sweeper.asha import PerCellAsha
 
                     scheduler = PerCellAsha(p.spec.execution.asha, p.store)
-                for trials in p.rounds():
-                    _tune(p, progress, per_trial, tracking, trials, scheduler)
+                _tune(p, progress, per_trial, tracking, scheduler)
     except ClusterError as err:
         raise SweepError(str(err)) from None
+
+
+def _plan_feed(p: Plan, by_id: dict[str, list[TrialSpec]]) -> Any:
+    """Tune's source of trials for the whole run: one bundle (most often of one trial) per
+    suggestion, registered in `by_id` under its first member's id; a grid's bundles at once, a
+    search's rounds as they come. One Tune experiment serves every round, so its workers (torch
+    imported, data loaded) stay up from one round to the next, and a cell plans its next
+    round as soon as its own trials are stored, while others still run."""
+    from collections import deque
+
+    from ray.tune.search import Searcher
+
+    class PlanFeed(Searcher):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queue = deque(bundles(p.todo, p.spec.bundle_size))
+            self.in_flight: dict[str, list[TrialSpec]] = {}  # Tune's trial id -> bundle
+            self.failed: set[str] = set()  # trials that raised: stored as failed after the run
+            self.changed = False  # a cell's round ended since the search last planned
+
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            if not self.queue and p.search is not None and self.changed:
+                self.changed = False
+                self.queue.extend(bundles(self.next_round(), p.spec.bundle_size))
+            if not self.queue:
+                return None if self.in_flight else Searcher.FINISHED
+            members = self.queue.popleft()
+            self.in_flight[trial_id] = members
+            by_id[members[0].trial_id] = members
+            return tune_config(members[0]) if len(members) == 1 else bundle_config(members)
+
+        def next_round(self) -> list[TrialSpec]:
+            """What the search proposes now, but in the cells that have trials running (their
+            round is not over) and none that raised in this run."""
+            running = [t for members in self.in_flight.values() for t in members]
+            busy = {t.cell for t in running} | {t.trial_id for t in running}
+            return [
+                t
+                for t in p.search.propose()
+                if t.cell not in busy and t.trial_id not in busy | self.failed
+            ]
+
+        def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+            pass  # nothing to keep: the store is the record, and no run restores Tune's files
+
+        def on_trial_complete(
+            self, trial_id: str, result: dict | None = None, error: bool = False
+        ) -> None:
+            members = self.in_flight.pop(trial_id, [])
+            if error:
+                self.failed |= {t.trial_id for t in members}
+            # Plan again (the store read and the fits) only when a cell's round is over.
+            running = {t.cell for bundle in self.in_flight.values() for t in bundle}
+            self.changed |= any(t.cell not in running for t in members)
+
+    return PlanFeed()
 
 
 def _tune(
@@ -371,20 +557,15 @@ def _tune(
     progress: SweepProgress,
     per_trial: dict[str, float],
     tracking: Tracking | None,
-    trials: list[TrialSpec],
     scheduler: Any = None,
 ) -> None:
-    """Run the plan's trials as one Tune experiment, then store those that raised as failed.
-    Raises KeyboardInterrupt when Tune ended it early on Ctrl+C (trials left unfinished)."""
+    """Run the plan's trials (a search's every round) as one Tune experiment, then store
+    those that raised as failed. Raises KeyboardInterrupt when Tune ended it early on Ctrl+C
+    (trials left unfinished)."""
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    by_id = {t.trial_id: t for t in trials}
-    names = {t.trial_id: trial_name(t, _varying(p.trials)) for t in trials}
-    # One Tune trial per TrialSpec, each config given whole: a grid_search would take the
-    # cartesian product of the keys, which is not the sweep's (each optimizer has its settings).
-    points = [tune_config(t) for t in trials]
-    space = {key: None for point in points for key in point}
+    by_id: dict[str, list[TrialSpec]] = {}  # a bundle by its first member's id, as suggested
+    varying = _varying(p.trials)
 
     def trial_id(trial: Any) -> str:
         return trial.config["store_trial_id"]
@@ -410,21 +591,20 @@ def _tune(
         results=p.store.root,
         threads=max(1, int(per_trial["cpu"])),
         asha=scheduler is not None,
+        share=_share(p.spec),
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, per_trial),
-        param_space=space,
         tune_config=tune.TuneConfig(
-            # The limit goes to the generator itself: Tune ignores max_concurrent_trials (with
-            # a warning) when the search algorithm is a generator rather than a Searcher.
-            search_alg=BasicVariantGenerator(
-                points_to_evaluate=points, max_concurrent=p.spec.execution.max_concurrent or 0
-            ),
+            # Each config is given whole (a grid_search would take the cartesian product of
+            # the keys, which is not the sweep's: each optimizer has its settings).
+            search_alg=_plan_feed(p, by_id),
+            max_concurrent_trials=p.spec.execution.max_concurrent,
             scheduler=scheduler,
-            num_samples=len(points),
+            num_samples=max(p.total, 1),  # a bound: the feed says when it is done
             # One worker process serves trial after trial: no torch import per trial.
             reuse_actors=True,
-            trial_name_creator=lambda trial: names[trial_id(trial)],
+            trial_name_creator=lambda trial: bundle_name(by_id[trial_id(trial)], varying),
             trial_dirname_creator=trial_id,
         ),
         run_config=tune.RunConfig(
@@ -454,16 +634,16 @@ def _tune(
             shutil.rmtree(storage, ignore_errors=True)
     if store_errors.first:
         raise StoreError(store_errors.first)
-    # A trial that still raised after its retries is stored as failed; the others were
-    # stored by the trial itself.
+    # A trial that still raised after its retries is stored as failed (each member of a bundle
+    # not stored before the error); the others were stored by the trial itself.
     finished = p.store.finished_ids()
     for result in results:
         if result.error is not None:
-            tid = result.config["store_trial_id"]
-            if tid not in finished:
-                p.store.write_trial(by_id[tid], failed_result(_error_text(result.error)))
+            for member in by_id[result.config["store_trial_id"]]:
+                if member.trial_id not in finished:
+                    p.store.write_trial(member, failed_result(_error_text(result.error)))
     # Tune ends an experiment early on Ctrl+C and returns: trials neither finished (their last
-    # report carries a status) nor failed. Stop here, or a search would plan its next round.
+    # report carries a status) nor failed. The sweep was interrupted: say so.
     if any(r.error is None and "status" not in (r.metrics or {}) for r in results):
         raise KeyboardInterrupt
 

@@ -25,6 +25,12 @@ def describe(trial: TrialSpec) -> str:
     )
 
 
+def member_label(trial: TrialSpec) -> str:
+    """How a bundle's reports name a member's metrics: `log2lr-7-s0/train_loss` (characters
+    every tracker keeps in a metric's name)."""
+    return f"log2lr{math.log2(trial.lr):g}-s{trial.seed}"
+
+
 def _last_line(path: str | None) -> str:
     """The exception line at the end of a traceback file, if there is one."""
     try:
@@ -90,8 +96,11 @@ class SweepProgress:
     def retried(self, trial: TrialSpec) -> None:
         self.console.print(f"[red]    retry[/] {describe(trial)}", highlight=False)
 
-    def tune_callback(self, by_id: dict[str, TrialSpec], trial_id: Callable[[Any], str]) -> Any:
-        """A Ray Tune callback feeding this progress from the controller's events."""
+    def tune_callback(
+        self, by_id: dict[str, list[TrialSpec]], trial_id: Callable[[Any], str]
+    ) -> Any:
+        """A Ray Tune callback feeding this progress from the controller's events; a Tune
+        trial is a bundle of one or more of the sweep's trials (`by_id`), each counted."""
         from ray import tune
 
         class _Callback(tune.Callback):
@@ -103,24 +112,26 @@ class SweepProgress:
                 # pickled, and a restored experiment draws no progress anyway.
                 return {"progress": None}
 
-            def _trial(self, trial: Any) -> TrialSpec | None:
-                return by_id.get(trial_id(trial)) if self.progress else None
+            def _members(self, trial: Any) -> list[TrialSpec]:
+                return by_id.get(trial_id(trial), []) if self.progress else []
 
             def on_trial_start(self, iteration, trials, trial, **info):  # noqa: ANN001
-                if spec := self._trial(trial):
+                for spec in self._members(trial):
                     self.progress.started(spec)
 
             def on_trial_recover(self, iteration, trials, trial, **info):  # noqa: ANN001
-                if spec := self._trial(trial):
+                for spec in self._members(trial):
                     self.progress.retried(spec)
 
             def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-                if spec := self._trial(trial):
-                    status = (trial.last_result or {}).get("status", "completed")
-                    self.progress.finished(spec, status)
+                last = trial.last_result or {}
+                status = last.get("status", "completed")
+                for spec in self._members(trial):
+                    # a bundle's last report has each member's status under its label
+                    self.progress.finished(spec, last.get(f"{member_label(spec)}/status", status))
 
             def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-                if spec := self._trial(trial):
+                for spec in self._members(trial):
                     self.progress.finished(spec, "failed", _last_line(trial.error_file))
 
         return _Callback(self)

@@ -14,9 +14,10 @@ grid it stands in for share their trials, and where a search ran the points the 
 of the whole grid would use, its answer is the grid's. (A cell is everything but lr and seed.)
 
 - `OptunaSearch`: one Optuna study per cell over the cell's grid lrs, starting from a few spread
-  evenly over them. Each lr runs at every seed; the study sees the mean over seeds of the final
-  validation loss, a diverged seed counting as its initial loss (a run that blew up did no
-  better than not training), one that ASHA stopped as its best validation loss before the stop.
+  evenly over them, `batch` lrs a round (with bundles, at least a bundle's worth). Each lr runs
+  at every seed; the study sees the mean over seeds of the final validation loss, a diverged
+  seed counting as its initial loss (a run that blew up did no better than not training), one
+  that ASHA stopped as its best validation loss before the stop.
 - `TransferSearch`: the telescoping search of a transfer study. The cells of a line (equal but
   for the transfer axis, width say) are searched in order of it: the smallest scanned over its
   whole grid range, each larger one around the lr* the smaller ones predict. Around a cell's
@@ -44,12 +45,6 @@ LOWEST, HIGHEST = -40.0, 20.0  # the lrs a grid accepts, log2
 
 class SearchError(ValueError):
     """A search that cannot start as configured; the message says what to change."""
-
-
-def cell_key(trial: TrialSpec) -> str:
-    """Everything that defines a trial's cell: all but lr and seed (and where it runs)."""
-    fields = trial.model_dump(mode="json", exclude={"lr", "seed", "sweep", "device"})
-    return json.dumps(fields, sort_keys=True)
 
 
 def _key(log2_lr: float) -> float:
@@ -110,11 +105,12 @@ class Search:
 
     def __init__(self, spec: SweepSpec, grid_trials: list[TrialSpec], store: Store):
         self.settings = spec.search
+        self.bundle = spec.bundle_size
         self.store = store
         self.n_stored = 0  # trials of the search's cells in the store, as last read
         groups: dict[str, list[TrialSpec]] = defaultdict(list)
         for t in grid_trials:
-            groups[cell_key(t)].append(t)
+            groups[t.cell].append(t)
         self.cells = {}
         for key, members in groups.items():
             exact = {_key(math.log2(t.lr)): t.lr for t in members}
@@ -155,7 +151,7 @@ class Search:
         columns = tbl.to_pydict().values()
         for tid, status, final, best, initial, spec_json in zip(*columns, strict=True):
             trial = TrialSpec.model_validate_json(spec_json)
-            cell = self.cells.get(cell_key(trial))
+            cell = self.cells.get(trial.cell)
             if cell is None or trial.seed not in cell.seeds:
                 continue
             point = _key(math.log2(trial.lr))
@@ -219,7 +215,9 @@ class OptunaSearch(Search):
         if pending := [x for x in cell.stored if cell.missing(x, len(cell.seeds))]:
             return pending  # a round cut short is finished first
         n = self.settings.trials_per_cell
-        want = min(self.settings.batch, n - len(cell.stored))
+        # With bundles, a round proposes at least a bundle's worth of lrs: they train as one.
+        batch = max(self.settings.batch, self.bundle // len(cell.seeds))
+        want = min(batch, n - len(cell.stored))
         points = [x for x in self._design(cell) if x not in cell.stored][: max(want, 0)]
         if len(points) < want:
             points += self._ask(cell, want - len(points), taken=set(points))
@@ -346,13 +344,14 @@ class TransferSearch(Search):
         return total
 
     def _scan(self, cell: _Cell) -> Wanted:
-        """The smallest cell's first points: its grid lrs about SCAN_STEP apart, both ends
-        included, at one seed."""
+        """The smallest cell's first points, at one seed: its lowest grid lr, each next one
+        about SCAN_STEP further, and its highest unless the last is within half a step of it
+        (the window around the best lr moves up to it, should the curve still fall there)."""
         points = [cell.grid[0]]
         for x in cell.grid[1:]:
             if x - points[-1] >= SCAN_STEP - 1e-9:
                 points.append(x)
-        if points[-1] != cell.grid[-1]:
+        if cell.grid[-1] - points[-1] > SCAN_STEP / 2 + 1e-9:
             points.append(cell.grid[-1])
         return dict.fromkeys(points, 1)
 

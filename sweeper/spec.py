@@ -90,6 +90,10 @@ MAX_STEPS = 1_000_000_000
 MAX_TOKENS = 10**15
 MAX_EVAL_BATCHES = 10_000
 MAX_RETRIES = 100
+MAX_BUNDLE = 256  # trials trained as one model (execution.bundle)
+# `execution.bundle: auto`: bundles of this many, before the memory a trial may use caps them
+# (train.members_that_fit).
+AUTO_BUNDLE = 8
 MAX_CPUS = 1_024  # per trial
 MAX_GPUS = 1_024  # per trial
 # Octaves compare with this slack: lo + i * step may overshoot hi by a rounding error.
@@ -380,6 +384,12 @@ class Asha(_Strict):
     reduction_factor: Annotated[int, Field(ge=2, le=16)] = 3  # 1 in this many goes on per rung
 
 
+def _bundle_size(v: Any) -> Any:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BUNDLE):
+        return v
+    raise ValueError(f"{v!r}: give a number of trials from 1 to {MAX_BUNDLE}, or auto")
+
+
 class Execution(_Strict):
     # default: as many as the resources allow
     max_concurrent: Annotated[int, Field(ge=1, le=MAX_TRIALS)] | None = None
@@ -387,11 +397,32 @@ class Execution(_Strict):
     # Early stopping, off by default: a transfer study wants whole loss-vs-lr curves.
     scheduler: Literal["none", "asha"] = "none"
     asha: Asha = Asha()
+    # Learning-rate bundles: up to this many trials of one cell (differing in lr and seed)
+    # train together as one model with members (train.run_bundle); auto: as many as pay here.
+    # A GPU feature: on CPUs, where batching costs more than it saves (benchmarks/results/
+    # bundles-cpu.md), trials train one by one unless bundle_on_cpu asks for bundles anyway.
+    bundle: Annotated[int | Literal["auto"], BeforeValidator(_bundle_size)] = 1
+    bundle_on_cpu: bool = False
 
     @model_validator(mode="after")
     def _asha_settings_need_asha(self) -> Execution:
         if "asha" in self.model_fields_set and self.scheduler != "asha":
             raise ValueError("asha: settings of scheduler asha, but the scheduler is not asha")
+        return self
+
+    @model_validator(mode="after")
+    def _bundle_on_cpu_needs_bundles(self) -> Execution:
+        if self.bundle_on_cpu and self.bundle == 1:
+            raise ValueError("bundle_on_cpu: a setting of bundles, but bundle is 1")
+        return self
+
+    @model_validator(mode="after")
+    def _asha_stops_single_trials(self) -> Execution:
+        if self.scheduler == "asha" and self.bundle not in (1, "auto"):
+            raise ValueError(
+                f"bundle {self.bundle} with scheduler asha: ASHA stops trials one at a time, a "
+                "bundle trains several as one model; use one or the other"
+            )
         return self
 
 
@@ -446,6 +477,17 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     execution: Execution = Execution()
     search: Search = Search()
+
+    @property
+    def bundle_size(self) -> int:
+        """How many trials of one cell train together: execution.bundle (`auto`: AUTO_BUNDLE)
+        on GPUs, and on CPUs only with execution.bundle_on_cpu; never a bundle with ASHA, which
+        stops trials one by one."""
+        ex = self.execution
+        on_gpu = self.train.device == "cuda" or self.resources.gpu > 0
+        if ex.scheduler == "asha" or not (on_gpu or ex.bundle_on_cpu):
+            return 1
+        return AUTO_BUNDLE if ex.bundle == "auto" else ex.bundle
 
     @model_validator(mode="after")
     def _asha_without_transfer(self) -> SweepSpec:
@@ -610,6 +652,13 @@ class TrialSpec(_Strict):
         fields["schema_version"] = SCHEMA_VERSION
         blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def cell(self) -> str:
+        """Everything that defines the trial's cell, as a key: all but lr and seed (and the
+        sweep's name and where it runs). A search plans per cell; a bundle is one cell's."""
+        fields = self.model_dump(mode="json", exclude={"lr", "seed", "sweep", "device"})
+        return json.dumps(fields, sort_keys=True)
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> TrialSpec:
         copy = super().model_copy(update=update, deep=deep)

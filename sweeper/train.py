@@ -30,10 +30,12 @@ import contextlib
 import functools
 import importlib.metadata
 import math
+import os
 import platform
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from sweeper.data import Batch, Data, DataError, load_data, train_batches, val_batches
-from sweeper.models import build_model
+from sweeper.models import build_bundle, build_model
 from sweeper.optim import build_optimizer, l1_to_rms, param_roles, rms_to_inf, rms_to_rms
 from sweeper.spec import TrialSpec
 from sweeper.store import TrialResult
@@ -104,10 +106,11 @@ def sigma_max(W: Tensor, block: int = 8, iters: int = 8) -> Tensor:
     n = W.shape[-1]
     if n <= block * (iters + 1):
         return torch.linalg.matrix_norm(W, ord=2)
-    # A fixed start: the estimate is a deterministic function of W, and the global RNG
-    # (which seeds nothing after init, but still) is left alone.
+    # A fixed start, the same for every matrix of the batch: the estimate of each is a
+    # deterministic function of that matrix alone (whatever else is batched with it, as in a
+    # learning-rate bundle), and the global RNG is left alone.
     gen = torch.Generator().manual_seed(0)
-    Q = torch.randn(*W.shape[:-2], n, block, generator=gen).to(W.device)
+    Q = torch.randn(n, block, generator=gen).to(W.device).expand(*W.shape[:-2], n, block)
     Q, _ = torch.linalg.qr(Q)
     basis = [Q]
     for _ in range(iters):
@@ -122,7 +125,8 @@ def sigma_max(W: Tensor, block: int = 8, iters: int = 8) -> Tensor:
 
 
 def _rms_to_rms_max(mats: list[Tensor], exact: bool = False) -> Tensor:
-    """max over the matrices of sqrt(d_in/d_out) sigma_max, batching same-shaped ones."""
+    """max over the matrices (each (members, d_out, d_in)) of sqrt(d_in/d_out) sigma_max, per
+    member, batching same-shaped ones."""
     by_shape: dict[tuple[int, ...], list[Tensor]] = {}
     for W in mats:
         by_shape.setdefault(tuple(W.shape), []).append(W)
@@ -130,15 +134,16 @@ def _rms_to_rms_max(mats: list[Tensor], exact: bool = False) -> Tensor:
     for shape, group in by_shape.items():
         stack = torch.stack(group)
         if exact:
-            best.append(rms_to_rms(stack).amax())
+            best.append(rms_to_rms(stack).amax(0))
         else:
             d_out, d_in = shape[-2:]
-            best.append(sigma_max(stack).amax() * math.sqrt(d_in / d_out))
-    return torch.stack(best).amax()
+            best.append(sigma_max(stack).amax(0) * math.sqrt(d_in / d_out))
+    return torch.stack(best).amax(0)
 
 
 class NormLogger:
-    """Per-role operator norms of the weights and of the last update (see store.STEPS).
+    """Per-role operator norms of the weights and of the last update (see store.STEPS), for
+    each member of a model with members (one row for a plain model).
 
     `exact=True` takes hidden sigma_max from an SVD instead of `sigma_max`'s Krylov estimate
     (for checks and the benchmark); `enabled=False` logs None (to measure the overhead).
@@ -146,19 +151,21 @@ class NormLogger:
 
     def __init__(self, model: nn.Module, enabled: bool = True, exact: bool = False):
         self.enabled, self.exact = enabled, exact
+        self.stacked = getattr(model, "members", None) is not None
         self.params: dict[str, list[tuple[nn.Parameter, bool]]] = {
             "output": [],
             "hidden": [],
             "input": [],
         }
         for pr in param_roles(model):
-            if pr.role in self.params and pr.param.ndim >= 2:
+            if pr.role in self.params and pr.param.ndim - self.stacked >= 2:
                 self.params[pr.role].append((pr.param, pr.transposed))
 
-    @staticmethod
-    def _matrix(W: Tensor, transposed: bool) -> Tensor:
+    def _matrix(self, W: Tensor, transposed: bool) -> Tensor:
+        """(members, d_out, d_in): a plain model's weight is one member."""
+        if not self.stacked:
+            W = (W.reshape(W.shape[0], -1) if W.ndim > 2 else W).unsqueeze(0)
         # nn.Embedding stores (vocab, d); as a map from one-hot vectors it is the transpose.
-        W = W.reshape(W.shape[0], -1) if W.ndim > 2 else W
         return W.mT if transposed else W
 
     def snapshot(self) -> list[Tensor] | None:
@@ -167,18 +174,26 @@ class NormLogger:
         return [p.detach().clone() for group in self.params.values() for p, _ in group]
 
     @torch.no_grad()
-    def norms(self, before: list[Tensor] | None = None) -> Row:
-        """The three norms of the weights and, given the snapshot before the step, of the update."""
+    def norms(self, before: list[Tensor] | None = None) -> list[Row]:
+        """Per member, the three norms of the weights and, given the snapshot before the step,
+        of the update."""
         if not self.enabled:
-            return dict.fromkeys(ALL_NORM_KEYS)
-        values = self._role_norms(lambda i, p: p)
+            return [dict.fromkeys(ALL_NORM_KEYS)] * self._members()
+        weights = self._role_norms(lambda i, p: p)
         if before is not None:
-            values += self._role_norms(lambda i, p: p - before[i])
+            updates = self._role_norms(lambda i, p: p - before[i])
         else:
-            values += [None] * 3
-        return dict(zip(ALL_NORM_KEYS, values, strict=True))
+            updates = [[None] * 3 for _ in weights]
+        return [
+            dict(zip(ALL_NORM_KEYS, w + u, strict=True))
+            for w, u in zip(weights, updates, strict=True)
+        ]
 
-    def _role_norms(self, fn: Callable[[int, Tensor], Tensor]) -> list[float | None]:
+    def _members(self) -> int:
+        first = next((p for group in self.params.values() for p, _ in group), None)
+        return first.shape[0] if self.stacked and first is not None else 1
+
+    def _role_norms(self, fn: Callable[[int, Tensor], Tensor]) -> list[list[float | None]]:
         mats: dict[str, list[Tensor]] = {}
         i = 0
         for role, group in self.params.items():
@@ -188,21 +203,30 @@ class NormLogger:
                 i += 1
         every = [W for group in mats.values() for W in group]
         if not every:
-            return [None, None, None]
-        # Weights broken by the last update would make the SVD raise: report NaN instead (the
-        # trainer then ends the trial as diverged). One sync for the check.
-        if not torch.stack([torch.isfinite(W).all() for W in every]).all():
-            return [math.nan] * 3
+            return [[None, None, None] for _ in range(self._members())]
+        # Weights broken by the last update would make the SVD raise: such a member reports NaN
+        # (the trainer then ends it as diverged) and is measured as zeros. One sync for it.
+        finite = torch.stack([torch.isfinite(W).flatten(1).all(1) for W in every]).all(0)
+        broken = (~finite).tolist()
+        if any(broken):
+            keep = finite.view(-1, 1, 1)
+            mats = {r: [torch.where(keep, W, 0.0) for W in group] for r, group in mats.items()}
         found = {}
         if mats["output"]:
-            found["output"] = torch.stack([rms_to_inf(W) for W in mats["output"]]).amax()
+            found["output"] = torch.stack([rms_to_inf(W) for W in mats["output"]]).amax(0)
         if mats["hidden"]:
             found["hidden"] = _rms_to_rms_max(mats["hidden"], self.exact)
         if mats["input"]:
-            found["input"] = torch.stack([l1_to_rms(W) for W in mats["input"]]).amax()
-        # One device sync for all of them.
+            found["input"] = torch.stack([l1_to_rms(W) for W in mats["input"]]).amax(0)
+        # One device sync for all of them: (roles, members).
         vals = dict(zip(found, torch.stack(list(found.values())).tolist(), strict=True))
-        return [vals.get(role) for role in ("output", "hidden", "input")]
+        return [
+            [math.nan] * 3 if bad else [vals[r][k] if r in vals else None for r in _ROLE_ORDER]
+            for k, bad in enumerate(broken)
+        ]
+
+
+_ROLE_ORDER = ("output", "hidden", "input")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -332,6 +356,49 @@ class _Clock:
         return self.total
 
 
+# --------------------------------------------------------------------------- bundle memory
+
+# Activations kept for the backward pass, in floats per token: per unit of width per layer
+# (the GPT's block keeps about 22: its norms, q, k, v, attention output, projections, the 4x
+# MLP before and after its activation) and per vocabulary entry (the logits, their float32
+# copy, the loss' gradient).
+ACTIVATION_FLOATS_PER_WIDTH = 24
+ACTIVATION_FLOATS_PER_VOCAB = 4
+# A bundle may use this share of the memory its trial is given.
+MEMORY_SHARE = 0.8
+
+
+def member_bytes(spec: TrialSpec) -> int:
+    """An estimate of the memory one member of a bundle takes: its parameters five times over
+    (weights, gradients, up to two optimizer moments, the snapshot for the update's norms) and
+    the activations of one forward/backward pass (a micro-batch when grad_accum > 1)."""
+    with torch.device("meta"):  # shapes only, nothing allocated
+        n_params = sum(p.numel() for p in build_model(spec).parameters())
+    tokens = spec.batch_size // spec.grad_accum * spec.seq_len
+    per_token = (
+        ACTIVATION_FLOATS_PER_WIDTH * spec.width * spec.depth
+        + ACTIVATION_FLOATS_PER_VOCAB * spec.vocab_size
+    )
+    return 4 * (5 * n_params + tokens * per_token)
+
+
+def device_memory(spec: TrialSpec, share: float) -> int:
+    """The memory a trial given `share` of its device may use: a share of the GPU it runs on,
+    or of the machine's RAM."""
+    device = _device(spec.device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * min(share, 1.0) * MEMORY_SHARE)
+
+
+def members_that_fit(spec: TrialSpec, wanted: int, share: float = 1.0) -> int:
+    """How many of `wanted` members of `spec`'s cell train at once within the memory
+    (`device_memory`), at least one."""
+    return max(1, min(wanted, device_memory(spec, share) // member_bytes(spec)))
+
+
 # --------------------------------------------------------------------------- the trial
 
 
@@ -342,85 +409,169 @@ def run_trial(
 ) -> TrialResult:
     """Train one trial. Divergence ends it with status 'diverged', a yes from `should_stop`
     with 'stopped'; other errors propagate."""
+    return run_bundle([spec], [sink], [should_stop])[0]
+
+
+def run_bundle(
+    specs: list[TrialSpec],
+    sinks: list[Callable[[Row], None] | None] | None = None,
+    should_stop: list[Callable[[], bool] | None] | None = None,
+) -> list[TrialResult]:
+    """Train trials that differ only in lr and seed together, as one model with members (a
+    learning-rate bundle; models/base.py), and return each one's result as `run_trial` would.
+
+    Member k is trial specs[k]: it starts from that trial's own initial weights (its seed, its
+    optimizer's init), reads that trial's batches (members of one seed share them: common
+    random numbers), and steps with its own lr, so it computes what `run_trial(specs[k])`
+    computes up to float rounding (batched kernels add in another order). A member that
+    diverges or is stopped leaves the bundle at once, its rows kept, and the others go on; the
+    bundle ends when every member has. A bundle of one trial is a plain trial.
+    """
+    if not specs:
+        raise ValueError("a bundle needs at least one trial")
+    first = specs[0]
+    if any(s.cell != first.cell for s in specs):
+        raise ValueError("the trials of a bundle must differ in lr and seed only")
     started_at = datetime.now(timezone.utc)
     wall0 = time.perf_counter()
-    device = _device(spec.device)
+    device = _device(first.device)
 
-    data = load_data(spec.data)
-    if spec.data_fingerprint and spec.data_fingerprint != data.fingerprint:
+    data = load_data(first.data)
+    if first.data_fingerprint and first.data_fingerprint != data.fingerprint:
         raise DataError(
             f"{data.source}: the data changed since the sweep was planned (fingerprint "
-            f"{data.fingerprint}, the trial expects {spec.data_fingerprint})"
+            f"{data.fingerprint}, the trial expects {first.data_fingerprint})"
         )
-    if data.vocab_size != spec.vocab_size:
-        raise ValueError(f"trial vocab_size {spec.vocab_size} != the data's {data.vocab_size}")
+    if data.vocab_size != first.vocab_size:
+        raise ValueError(f"trial vocab_size {first.vocab_size} != the data's {data.vocab_size}")
 
+    built = [_initialised(spec, device) for spec in specs]
+    if len(built) == 1:
+        model, opt = built[0]
+    else:  # one model of members; its optimizer steps member k with specs[k].lr
+        model = build_bundle(first, [m for m, _ in built]).to(device)
+        del built
+        lrs = torch.tensor([s.lr for s in specs], dtype=torch.float32, device=device)
+        opt = build_optimizer(first.optimizer, model, lrs, **_optimizer_settings(first))
+    for group in opt.param_groups:
+        group["initial_lr"] = group["lr"]  # role multipliers are baked into each group's lr
+
+    trainer = _Trainer(specs, sinks, should_stop, model, opt, device, data)
+    trainer.run()
+    n_params = sum(p.numel() for p in model.parameters()) // (model.members or 1)
+    results = []
+    for m in trainer.members:
+        rows = m.rows
+        last = rows[-1]
+        completed = m.status == "completed"
+        vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+        summary = {
+            "n_params": n_params,
+            "steps_done": m.steps_done,
+            "tokens_seen": m.steps_done * m.spec.batch_size * m.spec.seq_len,
+            "initial_loss": rows[0]["train_loss"],
+            "final_train_loss": last["train_loss"] if completed else None,
+            "final_val_loss": last["val_loss"] if completed else None,
+            "best_val_loss": min(vals) if vals else None,
+            **{k: (last[k] if completed else None) for k in NORM_KEYS},
+            # In a bundle, the bundle's time until the member left it.
+            "wall_time_s": m.left - wall0,
+            "train_time_s": m.train_time,
+            "device": _device_name(device),
+            "started_at": started_at,
+            "finished_at": m.finished_at,
+            "error": m.error,
+        }
+        results.append(
+            TrialResult(
+                status=m.status,
+                summary=summary,
+                steps=rows,
+                coord=m.coord,
+                provenance=provenance(device),
+            )
+        )
+    return results
+
+
+def _optimizer_settings(spec: TrialSpec) -> dict[str, Any]:
+    """The trial's optimizer settings and per-role lr multipliers, for build_optimizer."""
+    settings = dict(spec.hparams)
+    for role in ("input", "hidden", "output", "vector"):
+        settings[f"lr_{role}"] = getattr(spec, f"lr_{role}")
+    return settings
+
+
+def _initialised(spec: TrialSpec, device: torch.device) -> tuple[nn.Module, Any]:
+    """The trial's model and optimizer, its weights where its training starts."""
     # The initial weights depend on the seed and the shapes (never on lr): the model's own init
     # is drawn on the CPU, so it is the same on every device; an optimizer's re-init (Scion's
     # orthogonal matrices, muP) runs where the model lives, because QR-ing every matrix of a
     # wide model on a CPU would cost a GPU trial seconds to minutes. manual_seed seeds both RNGs.
     torch.manual_seed(spec.seed)
     model = build_model(spec).to(device)
-    hparams = dict(spec.hparams)
-    for role in ("input", "hidden", "output", "vector"):
-        hparams[f"lr_{role}"] = getattr(spec, f"lr_{role}")
-    opt = build_optimizer(spec.optimizer, model, spec.lr, **hparams)
+    opt = build_optimizer(spec.optimizer, model, spec.lr, **_optimizer_settings(spec))
     if callable(getattr(opt, "init", None)):
         opt.init()
-    for group in opt.param_groups:
-        group["initial_lr"] = group["lr"]  # role multipliers are baked into each group's lr
+    return model, opt
 
-    trainer = _Trainer(spec, model, opt, device, data, sink, should_stop=should_stop)
-    status, error = trainer.run()
 
-    rows = trainer.rows
-    last = rows[-1]
-    completed = status == "completed"
-    vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
-    summary = {
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "steps_done": trainer.steps_done,
-        "tokens_seen": trainer.steps_done * spec.batch_size * spec.seq_len,
-        "initial_loss": rows[0]["train_loss"],
-        "final_train_loss": last["train_loss"] if completed else None,
-        "final_val_loss": last["val_loss"] if completed else None,
-        "best_val_loss": min(vals) if vals else None,
-        **{k: (last[k] if completed else None) for k in NORM_KEYS},
-        "wall_time_s": time.perf_counter() - wall0,
-        "train_time_s": trainer.clock.total,
-        "device": _device_name(device),
-        "started_at": started_at,
-        "finished_at": datetime.now(timezone.utc),
-        "error": error,
-    }
-    return TrialResult(
-        status=status,
-        summary=summary,
-        steps=rows,
-        coord=trainer.coord,
-        provenance=provenance(device),
-    )
+@dataclass(eq=False)
+class _Member:
+    """One trial of a bundle: what its rows are computed from, and how it ended."""
+
+    spec: TrialSpec
+    sink: Callable[[Row], None] | None
+    should_stop: Callable[[], bool] | None
+    rows: list[Row] = field(default_factory=list)
+    coord: list[Row] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)  # train losses since the last row
+    limit: float = math.inf  # a loss above this after warm-up is divergence
+    steps_done: int = 0
+    status: str = "completed"
+    error: str | None = None
+    left: float | None = None  # perf_counter when it left the bundle (or the bundle ended)
+    train_time: float = 0.0
+    finished_at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.left is not None
+
+    def emit(self, row: Row) -> None:
+        self.rows.append(row)
+        if self.sink is not None:
+            self.sink(row)
 
 
 class _Trainer:
-    """The loop of one trial; state that the rows are computed from lives here."""
+    """The loop of one bundle (of one trial, or several as members of one model); the state
+    that the rows are computed from lives here."""
 
     def __init__(
         self,
-        spec: TrialSpec,
+        specs: list[TrialSpec],
+        sinks: list[Callable[[Row], None] | None] | None,
+        stops: list[Callable[[], bool] | None] | None,
         model: nn.Module,
         opt: torch.optim.Optimizer,
         device: torch.device,
         data: Data,
-        sink: Callable[[Row], None] | None,
         log_norms: bool = True,
-        should_stop: Callable[[], bool] | None = None,
     ):
-        self.spec, self.model, self.opt, self.device, self.sink = spec, model, opt, device, sink
-        self.should_stop = should_stop
-        self.batches: Iterator[Batch] = train_batches(
-            data, spec.batch_size, spec.seq_len, spec.seed
-        )
+        spec = specs[0]  # what the members share
+        self.spec, self.model, self.opt, self.device = spec, model, opt, device
+        self.members = [
+            _Member(s, (sinks or [None] * len(specs))[k], (stops or [None] * len(specs))[k])
+            for k, s in enumerate(specs)
+        ]
+        self.live = list(range(len(specs)))  # the members still in the model, in its order
+        self.stacked = getattr(model, "members", None) is not None
+        # One stream of batches per seed: members of one seed read the same batches.
+        self.batches: dict[int, Iterator[Batch]] = {
+            seed: train_batches(data, spec.batch_size, spec.seq_len, seed)
+            for seed in dict.fromkeys(s.seed for s in specs)
+        }
         self.val = [
             (x.to(device), y.to(device))
             for x, y in val_batches(data, EVAL_BATCH_SIZE, spec.seq_len, spec.eval_batches)
@@ -430,9 +581,6 @@ class _Trainer:
         self.tokens_per_step = spec.batch_size * spec.seq_len
         self.n_warm = round(spec.warmup * spec.steps)
         self.sync_every = CUDA_SYNC_EVERY if device.type == "cuda" else 1
-        self.rows: list[Row] = []
-        self.coord: list[Row] = []
-        self.steps_done = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
         # A fresh context each time: an autocast object keeps the state it restores on exit.
@@ -440,105 +588,180 @@ class _Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def live_members(self) -> list[_Member]:
+        return [self.members[k] for k in self.live]
+
+    # ------------------------------------------------------------------ batches
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """The next training batch of every live member: (B, T), or (members, B, T)."""
+        live = self.live_members()
+        seeds = dict.fromkeys(m.spec.seed for m in live)
+        drawn = {seed: next(self.batches[seed]) for seed in seeds}
+        if self.stacked:
+            x = torch.stack([drawn[m.spec.seed][0] for m in live])
+            y = torch.stack([drawn[m.spec.seed][1] for m in live])
+        else:
+            x, y = drawn[live[0].spec.seed]
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def for_members(self, t: Tensor) -> Tensor:
+        """A batch every member sees (a validation batch) in the model's input layout."""
+        return t.expand(len(self.live), *t.shape) if self.stacked else t
+
     # ------------------------------------------------------------------ measurements
 
     @torch.no_grad()
-    def _loss(self, x: Tensor, y: Tensor) -> float:
+    def losses(self, x: Tensor, y: Tensor) -> list[float]:
+        """Each live member's mean loss on its batch (x, y)."""
         with self.autocast():
-            return float(self.model.loss(x, y))
+            return self.model.loss(x, y).float().reshape(-1).tolist()
 
-    def evaluate(self) -> float:
-        return sum(self._loss(x, y) for x, y in self.val) / len(self.val)
+    def evaluate(self) -> list[float]:
+        """Each live member's validation loss."""
+        per_batch = [self.losses(self.for_members(x), self.for_members(y)) for x, y in self.val]
+        return [sum(col) / len(per_batch) for col in zip(*per_batch, strict=True)]
 
     @torch.no_grad()
     def coord_check(self, step: int) -> None:
-        """mean |output| of every coord layer on the first validation batch."""
+        """mean |output| of every coord layer on the first validation batch, per member."""
         found: list[Tensor] = []
+        n = len(self.live)
         layers = self.model.coord_layers()
         hooks = [
-            m.register_forward_hook(lambda _m, _i, out: found.append(out.float().abs().mean()))
+            m.register_forward_hook(
+                lambda _m, _i, out: found.append(out.float().abs().reshape(n, -1).mean(1))
+            )
             for _, m in layers
         ]
         try:
             with self.autocast():
-                self.model(self.val[0][0])
+                self.model(self.for_members(self.val[0][0]))
         finally:
             for h in hooks:
                 h.remove()
-        for i, ((name, _), v) in enumerate(zip(layers, torch.stack(found).tolist(), strict=True)):
-            self.coord.append({"step": step, "layer_index": i, "layer": name, "mean_abs": v})
+        per_layer = torch.stack(found).tolist()
+        for j, member in enumerate(self.live_members()):
+            if member.done:
+                continue
+            for i, ((name, _), v) in enumerate(zip(layers, per_layer, strict=True)):
+                member.coord.append(
+                    {"step": step, "layer_index": i, "layer": name, "mean_abs": v[j]}
+                )
 
     def forward_backward(self, x: Tensor, y: Tensor) -> Tensor:
-        """The batch's mean loss; its gradient accumulated over `grad_accum` equal passes."""
+        """Each live member's mean loss on its batch, its gradient accumulated over
+        `grad_accum` equal passes (a scalar for a plain model)."""
         passes = self.spec.grad_accum
         total = torch.zeros((), device=self.device)
-        for xs, ys in zip(x.chunk(passes), y.chunk(passes), strict=True):
+        for xs, ys in zip(x.chunk(passes, dim=-2), y.chunk(passes, dim=-2), strict=True):
             with self.autocast():
                 loss = self.model.loss(xs, ys) / passes
-            loss.backward()
-            total += loss.detach()
+            loss.sum().backward()  # members are independent: each gets its own gradient
+            total = total + loss.detach()
         return total
 
-    def emit(self, row: Row) -> None:
-        self.rows.append(row)
-        if self.sink is not None:
-            self.sink(row)
+    def clip_gradients(self) -> None:
+        """Each member's gradient scaled to global norm at most grad_clip."""
+        clip = self.spec.grad_clip
+        if self.stacked:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            n = len(self.live)
+            norms = torch.stack([g.reshape(n, -1).norm(dim=1) for g in grads]).norm(dim=0)
+            coef = (clip / (norms + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_, per member
+            for g in grads:
+                g.mul_(coef.view(n, *[1] * (g.ndim - 1)))
+        else:
+            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
 
-    def diverged_row(self, step: int, window: list[float]) -> None:
+    def lr_at(self, step: int) -> float:
+        s = self.spec
+        return lr_multiplier(step, s.steps, s.schedule, s.warmup, s.warmdown)
+
+    # ------------------------------------------------------------------ members leaving
+
+    def end(self, member: _Member, status: str, error: str | None) -> None:
+        member.status, member.error = status, error
+        member.left = time.perf_counter()
+        member.train_time = self.clock.total
+        member.finished_at = datetime.now(timezone.utc)
+
+    def diverged_row(self, member: _Member, step: int, elapsed: float) -> None:
         """The last row of a diverged trial: what is known at the step where it went bad."""
-        elapsed = self.clock.stop()
-        self.steps_done = step
-        mean = sum(window) / len(window)
-        self.emit(
+        member.steps_done = step
+        mean = sum(member.window) / len(member.window)
+        member.emit(
             {
                 "step": step,
                 "tokens": step * self.tokens_per_step,
                 "train_loss": mean if math.isfinite(mean) else None,
                 "val_loss": None,
-                "lr": self.spec.lr * self.lr_at(step - 1),
+                "lr": member.spec.lr * self.lr_at(step - 1),
                 "elapsed_s": elapsed,
                 "tokens_per_s": None,
                 **dict.fromkeys(ALL_NORM_KEYS),
             }
         )
 
-    def lr_at(self, step: int) -> float:
-        s = self.spec
-        return lr_multiplier(step, s.steps, s.schedule, s.warmup, s.warmdown)
+    @torch.no_grad()
+    def drop_ended(self) -> None:
+        """Take the members that ended out of the model and its optimizer state, so that the
+        rest train as a smaller bundle (a plain model just stops)."""
+        keep = [j for j, k in enumerate(self.live) if not self.members[k].done]
+        if len(keep) == len(self.live):
+            return
+        self.live = [self.live[j] for j in keep]
+        if not self.stacked or not keep:
+            return
+        index = torch.tensor(keep, device=self.device)
+        for p in self.model.parameters():
+            state = self.opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    state[key] = value.index_select(0, index)
+            p.data = p.data.index_select(0, index)
+        for group in self.opt.param_groups:
+            if torch.is_tensor(group["initial_lr"]):
+                group["initial_lr"] = group["initial_lr"].index_select(0, index)
+        self.model.members = len(keep)
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> tuple[str, str | None]:
-        spec, model, opt = self.spec, self.model, self.opt
-        x, y = (t.to(self.device) for t in next(self.batches))
+    def run(self) -> None:
+        spec, opt = self.spec, self.opt
+        x, y = self.next_batch()
 
         # Step 0: the initial weights.
         if spec.coord_check:
             self.coord_check(0)
-        initial = self._loss(x, y)
-        self.emit(
-            {
-                "step": 0,
-                "tokens": 0,
-                "train_loss": initial,
-                "val_loss": self.evaluate(),
-                "lr": spec.lr * self.lr_at(0),
-                "elapsed_s": 0.0,
-                "tokens_per_s": None,
-                **self.norms.norms(),
-            }
-        )
-        if not math.isfinite(initial):
-            return "diverged", f"non-finite loss at initialisation ({initial})"
-        limit = DIVERGENCE_FACTOR * max(initial, math.log(spec.vocab_size))
+        initial = self.losses(x, y)
+        vals, norms = self.evaluate(), self.norms.norms()
+        for j, member in enumerate(self.live_members()):
+            member.emit(
+                {
+                    "step": 0,
+                    "tokens": 0,
+                    "train_loss": initial[j],
+                    "val_loss": vals[j],
+                    "lr": member.spec.lr * self.lr_at(0),
+                    "elapsed_s": 0.0,
+                    "tokens_per_s": None,
+                    **norms[j],
+                }
+            )
+            if not math.isfinite(initial[j]):
+                self.end(member, "diverged", f"non-finite loss at initialisation ({initial[j]})")
+            member.limit = DIVERGENCE_FACTOR * max(initial[j], math.log(spec.vocab_size))
+        self.drop_ended()
 
-        window: list[float] = []  # losses since the last row
         pending: list[tuple[int, Tensor]] = []  # losses not yet read back from the device
         last_row_step, last_row_time = 0, 0.0
         self.clock.start()
         for step in range(1, spec.steps + 1):
+            if not self.live:  # every member diverged or was stopped
+                break
             if step > 1:
-                x, y = (t.to(self.device, non_blocking=True) for t in next(self.batches))
+                x, y = self.next_batch()
             is_row = step % spec.log_every == 0 or step == spec.steps
             factor = self.lr_at(step - 1)
             for group in opt.param_groups:
@@ -546,7 +769,7 @@ class _Trainer:
 
             loss = self.forward_backward(x, y)
             if spec.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+                self.clip_gradients()
             before = None
             if is_row:  # the update's norm needs the weights before it; only on logged steps
                 self.clock.stop()
@@ -554,24 +777,15 @@ class _Trainer:
                 self.clock.start()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            self.steps_done = step
-            pending.append((step, loss.detach()))
+            for member in self.live_members():
+                member.steps_done = step
+            pending.append((step, loss.detach().reshape(-1)))
 
             if is_row or len(pending) >= self.sync_every:
-                values = torch.stack([v for _, v in pending]).tolist()
-                steps = [s for s, _ in pending]
+                self.check_losses(pending)
                 pending.clear()
-                for s, v in zip(steps, values, strict=True):
-                    window.append(v)
-                    bad = not math.isfinite(v) or (s > self.n_warm and v > limit)
-                    if bad:
-                        self.diverged_row(s, window)
-                        what = "non-finite loss" if not math.isfinite(v) else "loss"
-                        return "diverged", (
-                            f"diverged at step {s}: {what} {v:.4g} (limit {limit:.4g} = "
-                            f"{DIVERGENCE_FACTOR} x max(initial loss, ln vocab))"
-                        )
-
+            if all(m.done for m in self.live_members()):
+                break  # all that were left went bad at this step: nothing more to measure
             if spec.coord_check and step <= spec.coord_check:
                 self.clock.stop()
                 self.coord_check(step)
@@ -585,30 +799,67 @@ class _Trainer:
                 evaluate = step == spec.steps or (
                     step // spec.eval_every > last_row_step // spec.eval_every
                 )
-                val = self.evaluate() if evaluate else None
+                vals = self.evaluate() if evaluate else [None] * len(self.live)
                 norms = self.norms.norms(before)
-                broken = [k for k, v in {"val_loss": val, **norms}.items() if _nonfinite(v)]
-                if broken:  # the last update broke the weights (the loss was taken before it)
-                    self.diverged_row(step, window)
-                    return "diverged", f"diverged at step {step}: non-finite {', '.join(broken)}"
                 tokens = (step - last_row_step) * self.tokens_per_step
                 dt = elapsed - last_row_time
-                self.emit(
-                    {
-                        "step": step,
-                        "tokens": step * self.tokens_per_step,
-                        "train_loss": sum(window) / len(window),
-                        "val_loss": val,
-                        "lr": spec.lr * factor,
-                        "elapsed_s": elapsed,
-                        "tokens_per_s": tokens / dt if dt > 0 else None,
-                        **norms,
-                    }
-                )
-                window.clear()
+                for j, member in enumerate(self.live_members()):
+                    if member.done:  # diverged at this step: its last row is written
+                        continue
+                    row_values = {"val_loss": vals[j], **norms[j]}
+                    broken = [k for k, v in row_values.items() if _nonfinite(v)]
+                    if broken:  # the last update broke the weights (the loss came before it)
+                        self.diverged_row(member, step, elapsed)
+                        self.end(
+                            member, "diverged", f"diverged at step {step}: non-finite "
+                            f"{', '.join(broken)}"
+                        )  # fmt: skip
+                        continue
+                    member.emit(
+                        {
+                            "step": step,
+                            "tokens": step * self.tokens_per_step,
+                            "train_loss": sum(member.window) / len(member.window),
+                            "val_loss": vals[j],
+                            "lr": member.spec.lr * factor,
+                            "elapsed_s": elapsed,
+                            "tokens_per_s": tokens / dt if dt > 0 else None,
+                            **norms[j],
+                        }
+                    )
+                    member.window.clear()
+                    if step < spec.steps and member.should_stop and member.should_stop():
+                        self.end(member, "stopped", f"stopped early at step {step}")
                 last_row_step, last_row_time = step, elapsed
-                if step < spec.steps and self.should_stop and self.should_stop():
-                    return "stopped", f"stopped early at step {step}"
                 self.clock.start()
+            # Members that left at this step leave the model now (after its row, whose norms
+            # were measured on the whole stack).
+            self.drop_ended()
         self.clock.stop()
-        return "completed", None
+        for member in self.live_members():
+            if not member.done:
+                self.end(member, "completed", None)
+
+    def check_losses(self, pending: list[tuple[int, Tensor]]) -> None:
+        """Read the pending losses back; a live member whose loss went bad (non-finite, or
+        above its limit after warm-up) ends diverged, with its last row at that step."""
+        values = torch.stack([v for _, v in pending]).tolist()
+        elapsed = None
+        for (s, _), losses in zip(pending, values, strict=True):
+            for j, member in enumerate(self.live_members()):
+                if member.done:
+                    continue
+                v = losses[j]
+                member.window.append(v)
+                if not math.isfinite(v) or (s > self.n_warm and v > member.limit):
+                    if elapsed is None:
+                        elapsed = self.clock.stop()
+                        self.clock.start()
+                    self.diverged_row(member, s, elapsed)
+                    what = "non-finite loss" if not math.isfinite(v) else "loss"
+                    self.end(
+                        member,
+                        "diverged",
+                        f"diverged at step {s}: {what} {v:.4g} (limit {member.limit:.4g} = "
+                        f"{DIVERGENCE_FACTOR} x max(initial loss, ln vocab))",
+                    )

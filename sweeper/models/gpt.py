@@ -9,6 +9,9 @@ Initialisation is the standard parameterisation (SP) that width-transfer studies
 hidden and output matrices N(0, 1/fan_in), the token embedding N(0, 1) (its fan-in as a map on
 one-hot vectors is 1). Optimizers with their own geometry re-initialise (Scion puts weights on
 its norm ball, adamw-mup re-initialises muP-style) through their `init()`.
+
+`members=K` builds K GPTs in one (see base.py): every parameter gains a leading dim K, tokens
+are (K, B, T), and attention runs the K * B sequences as one batch.
 """
 
 from __future__ import annotations
@@ -19,19 +22,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sweeper.models.base import TokenModel
+from sweeper.models.base import Linear, TokenModel, member_ids, stacked_rows
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) times a learned gain (a `vector` parameter, initialised to 1)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, members: int | None = None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim) if members is None else torch.ones(members, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        if self.weight.ndim == 1:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        gain = self.weight.view(self.weight.shape[0], *[1] * (x.ndim - 2), -1)
+        return F.rms_norm(x, (x.size(-1),), eps=self.eps) * gain
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose table (vocab, d) may carry a leading member dim: member k looks its
+    tokens idx[k] up in its own table."""
+
+    def __init__(self, vocab_size: int, width: int, members: int | None = None):
+        super().__init__(vocab_size, width)
+        if members is not None:
+            self.weight = nn.Parameter(self.weight.detach().expand(members, -1, -1).clone())
+
+    def forward(self, idx: Tensor) -> Tensor:
+        if self.weight.ndim == 2:
+            return F.embedding(idx, self.weight)
+        return F.embedding(member_ids(idx, self.weight.shape[1]), stacked_rows(self.weight))
 
 
 class Rotary(nn.Module):
@@ -55,7 +76,9 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, head_dim: int, seq_len: int, attn_scale: str):
+    def __init__(
+        self, width: int, head_dim: int, seq_len: int, attn_scale: str, members: int | None
+    ):
         super().__init__()
         # Heads keep a fixed size as width grows (more heads, not bigger ones); a width below
         # head_dim gets a single head of size width.
@@ -64,10 +87,10 @@ class CausalSelfAttention(nn.Module):
         inner = self.n_head * self.head_size
         # q, k, v as separate matrices rather than one fused (3*inner, width) matrix: the
         # spectral optimizers (Muon, Scion) orthogonalise per matrix, and q, k, v are three maps.
-        self.c_q = nn.Linear(width, inner, bias=False)
-        self.c_k = nn.Linear(width, inner, bias=False)
-        self.c_v = nn.Linear(width, inner, bias=False)
-        self.c_proj = nn.Linear(inner, width, bias=False)
+        self.c_q = Linear(width, inner, bias=False, members=members)
+        self.c_k = Linear(width, inner, bias=False, members=members)
+        self.c_v = Linear(width, inner, bias=False, members=members)
+        self.c_proj = Linear(inner, width, bias=False, members=members)
         self.rotary = Rotary(self.head_size, seq_len)
         if attn_scale == "sqrt":
             self.scale = 1.0 / math.sqrt(self.head_size)
@@ -76,34 +99,36 @@ class CausalSelfAttention(nn.Module):
         else:
             raise ValueError(f"attn_scale must be 'sqrt' or 'mup', got {attn_scale!r}")
 
-    def forward(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
+    def forward(self, x: Tensor) -> Tensor:  # (..., T, width): every sequence of every member
+        *lead, T, _ = x.shape
         q, k, v = (
-            c(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)
+            c(x).view(-1, T, self.n_head, self.head_size).transpose(1, 2)
             for c in (self.c_q, self.c_k, self.c_v)
         )
         q, k = self.rotary(q), self.rotary(k)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.c_proj(y.transpose(1, 2).reshape(*lead, T, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, members: int | None):
         super().__init__()
-        self.c_fc = nn.Linear(width, 4 * width, bias=False)
-        self.c_proj = nn.Linear(4 * width, width, bias=False)
+        self.c_fc = Linear(width, 4 * width, bias=False, members=members)
+        self.c_proj = Linear(4 * width, width, bias=False, members=members)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, head_dim: int, seq_len: int, attn_scale: str):
+    def __init__(
+        self, width: int, head_dim: int, seq_len: int, attn_scale: str, members: int | None
+    ):
         super().__init__()
-        self.norm1 = RMSNorm(width)
-        self.attn = CausalSelfAttention(width, head_dim, seq_len, attn_scale)
-        self.norm2 = RMSNorm(width)
-        self.mlp = MLP(width)
+        self.norm1 = RMSNorm(width, members=members)
+        self.attn = CausalSelfAttention(width, head_dim, seq_len, attn_scale, members)
+        self.norm2 = RMSNorm(width, members=members)
+        self.mlp = MLP(width, members)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -120,15 +145,17 @@ class GPT(TokenModel):
         head_dim: int = 64,
         zero_init_out: bool = False,
         attn_scale: str = "sqrt",
+        members: int | None = None,
     ):
         super().__init__()
         self.vocab_size, self.width, self.depth, self.seq_len = vocab_size, width, depth, seq_len
-        self.wte = nn.Embedding(vocab_size, width)
+        self.members = members
+        self.wte = Embedding(vocab_size, width, members)
         self.blocks = nn.ModuleList(
-            Block(width, head_dim, seq_len, attn_scale) for _ in range(depth)
+            Block(width, head_dim, seq_len, attn_scale, members) for _ in range(depth)
         )
-        self.norm_f = RMSNorm(width)
-        self.lm_head = nn.Linear(width, vocab_size, bias=False)
+        self.norm_f = RMSNorm(width, members=members)
+        self.lm_head = Linear(width, vocab_size, bias=False, members=members)
         self._init_weights(zero_init_out)
 
     @torch.no_grad()
@@ -144,9 +171,9 @@ class GPT(TokenModel):
                 nn.init.zeros_(block.mlp.c_proj.weight)
 
     def forward(self, idx: Tensor) -> Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size)."""
-        if idx.size(1) > self.seq_len:
-            raise ValueError(f"sequence of {idx.size(1)} tokens > seq_len {self.seq_len}")
+        """Token ids (B, T) -> logits (B, T, vocab_size); with members (K, B, T) -> (K, B, T, V)."""
+        if idx.size(-1) > self.seq_len:
+            raise ValueError(f"sequence of {idx.size(-1)} tokens > seq_len {self.seq_len}")
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x)

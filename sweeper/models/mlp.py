@@ -15,6 +15,9 @@ moment of a symmetric input, the sqrt(2) restores it, so with N(0, 1/fan_in) wei
 orthogonal ones under Scion) activations keep RMS ~1 at any depth and width. Hidden layers have
 biases (the `vector` role), initialised to zero; the head has none, so it is a pure matrix whose
 rms->inf norm is the whole readout.
+
+`members=K` builds K MLPs in one (see base.py): every parameter gains a leading dim K and
+tokens are (K, B, T).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sweeper.models.base import TokenModel
+from sweeper.models.base import Linear, TokenModel, member_ids, stacked_rows
 
 PAD_TOKEN = 0
 
@@ -33,31 +36,41 @@ PAD_TOKEN = 0
 class ContextEmbedding(nn.Embedding):
     """Sum over positions p of E[p * vocab + token_p]: a Linear map on concatenated one-hots."""
 
-    def __init__(self, vocab_size: int, context: int, width: int):
+    def __init__(self, vocab_size: int, context: int, width: int, members: int | None = None):
         super().__init__(context * vocab_size, width)
         self.vocab_size, self.context = vocab_size, context
+        if members is not None:
+            self.weight = nn.Parameter(self.weight.detach().expand(members, -1, -1).clone())
 
-    def forward(self, idx: Tensor) -> Tensor:  # (B, T) -> (B, T, width)
-        B, T = idx.shape
+    def forward(self, idx: Tensor) -> Tensor:  # (..., T) -> (..., T, width)
         c = self.context
         padded = F.pad(idx, (c - 1, 0), value=PAD_TOKEN)
-        windows = padded.unfold(1, c, 1)  # (B, T, c): window t ends with token t
-        offsets = torch.arange(c, device=idx.device) * self.vocab_size
-        flat = (windows + offsets).reshape(B * T, c)
-        # embedding_bag sums the c rows without building a (B, T, c, width) tensor.
-        out = F.embedding_bag(flat, self.weight, mode="sum")
-        return out.view(B, T, -1)
+        windows = padded.unfold(-1, c, 1)  # (..., T, c): window t ends with token t
+        ids = windows + torch.arange(c, device=idx.device) * self.vocab_size
+        table = self.weight
+        if table.ndim == 3:  # members: each looks up in its own table
+            ids, table = member_ids(ids, table.shape[1]), stacked_rows(table)
+        # embedding_bag sums the c rows without building a (..., T, c, width) tensor.
+        out = F.embedding_bag(ids.reshape(-1, c), table, mode="sum")
+        return out.view(*idx.shape, -1)
 
 
 class MLP(TokenModel):
     def __init__(
-        self, vocab_size: int, width: int, depth: int, context: int, zero_init_out: bool = False
+        self,
+        vocab_size: int,
+        width: int,
+        depth: int,
+        context: int,
+        zero_init_out: bool = False,
+        members: int | None = None,
     ):
         super().__init__()
         self.vocab_size, self.width, self.depth, self.context = vocab_size, width, depth, context
-        self.wte = ContextEmbedding(vocab_size, context, width)
-        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.lm_head = nn.Linear(width, vocab_size, bias=False)
+        self.members = members
+        self.wte = ContextEmbedding(vocab_size, context, width, members)
+        self.hidden = nn.ModuleList(Linear(width, width, members=members) for _ in range(depth))
+        self.lm_head = Linear(width, vocab_size, bias=False, members=members)
         self._init_weights(zero_init_out)
 
     @torch.no_grad()
@@ -74,7 +87,8 @@ class MLP(TokenModel):
             nn.init.normal_(self.lm_head.weight, std=self.width**-0.5)
 
     def forward(self, idx: Tensor) -> Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size); logits[:, t] sees idx[:, t-c+1 .. t]."""
+        """Token ids (B, T) -> logits (B, T, vocab_size); logits[:, t] sees idx[:, t-c+1 .. t].
+        With members, (K, B, T) -> (K, B, T, vocab_size)."""
         x = math.sqrt(2) * F.relu(self.wte(idx))
         for layer in self.hidden:
             x = math.sqrt(2) * F.relu(layer(x))

@@ -250,6 +250,22 @@ def as_matrix(t: Tensor, transposed: bool = False, stacked: bool = False) -> Ten
     return t.mT if transposed else t
 
 
+def per_member(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """A step size as it applies to `like`: a number as it is; a tensor of K per-member values
+    (a learning-rate bundle's lrs) viewed (K, 1, ..., 1) to broadcast over `like`'s leading
+    member dim."""
+    if isinstance(value, Tensor) and value.ndim == 1:
+        return value.view(-1, *[1] * (like.ndim - 1))
+    return value
+
+
+def descend_(p: Tensor, update: Tensor, step: float | Tensor) -> Tensor:
+    """p <- p - step * update, `step` a number or per-member (see `per_member`)."""
+    if isinstance(step, Tensor):
+        return p.sub_(update * per_member(step, p))
+    return p.add_(update, alpha=-step)
+
+
 def from_matrix(u: Tensor, like: Tensor, transposed: bool = False) -> Tensor:
     """Undo `as_matrix`: an update `u` for the matrix view, in the layout of `like`."""
     if transposed:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sweeper.optim.lmo import as_matrix, l2_norms
+from sweeper.optim.lmo import as_matrix, descend_, l2_norms, per_member
 
 RULES = ("row", "col", "sign")
 
@@ -34,7 +34,8 @@ _EPS = 1e-8
 class MOGA(torch.optim.Optimizer):
     """Row / column normalized momentum. Per-group keys (constructor values are defaults):
 
-    lr, beta (momentum), rule ("row", "col" or "sign"), p (the row rule's norm; col is q=2),
+    lr (a number, or with `stacked` a tensor of per-member lrs), beta (momentum), rule ("row",
+    "col" or "sign"), p (the row rule's norm; col is q=2),
     fan_factor (the row rule's d_in^(-1/p)), weight_decay (decoupled), transposed, stacked.
     1-D parameters always take the sign rule, so `MOGA(model.parameters())` runs on any model.
     The momentum is `beta`, a key momentum-cycling schedulers (OneCycleLR, CyclicLR) do not
@@ -88,10 +89,10 @@ class MOGA(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1.0 - beta)
                 if wd:
-                    p.mul_(1.0 - lr * wd)
+                    p.mul_(1.0 - per_member(lr, p) * wd)
 
                 if rule == "sign" or p.ndim < 2:
-                    p.add_(torch.sign(buf), alpha=-lr)
+                    descend_(p, torch.sign(buf), lr)
                     continue
                 # Matrix views of both, so the transposed / flattened update writes through.
                 M = as_matrix(buf, group["transposed"], group["stacked"])
@@ -104,8 +105,11 @@ class MOGA(torch.optim.Optimizer):
                     numer = M
                     denom = l2_norms(M, -2) + _EPS
                     factor = math.sqrt(d_out) / d_in
-                # One fused pass: W -= lr * factor * numer / denom (denom broadcasts).
-                W.addcdiv_(numer, denom, value=-lr * factor)
+                # W -= lr * factor * numer / denom (denom broadcasts); one fused pass for one lr.
+                if isinstance(lr, Tensor):
+                    descend_(W, numer / denom, lr * factor)
+                else:
+                    W.addcdiv_(numer, denom, value=-lr * factor)
         return loss
 
 

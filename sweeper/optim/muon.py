@@ -6,8 +6,10 @@ Muon (groups with `use_muon=True`):
     u    = NS5(u) * scale(d_out, d_in)
     W   <- W (1 - lr wd) - lr u
 
-AdamW (groups with `use_muon=False`: embeddings, the head, vectors) is torch's own AdamW
-update, run on those groups' state, so the user steps (and checkpoints) a single object.
+AdamW (groups with `use_muon=False`: embeddings, the head, vectors) is adamw.py's update
+(torch's AdamW, in torch's state layout), run on those groups' state, so the user steps (and
+checkpoints) a single object. Either kind's lr may be a tensor of per-member lrs for stacked
+parameters (a learning-rate bundle).
 
 `Muon(model.parameters())` is refused: which matrices are hidden (Muon) and which are the
 embedding or head (AdamW, by the reference) is a model's structure, not a shape;
@@ -26,9 +28,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.optim.adamw import adamw
 
-from sweeper.optim.lmo import as_matrix, from_matrix, newton_schulz
+from sweeper.optim.adamw import adamw_update_
+from sweeper.optim.lmo import as_matrix, descend_, from_matrix, newton_schulz, per_member
 from sweeper.optim.roles import param_label
 
 SCALE_CONVENTIONS = ("keller", "speedrun", "moonlight")
@@ -160,41 +162,14 @@ class Muon(torch.optim.Optimizer):
             d_out, d_in = M.shape[-2:]
             X = newton_schulz(M, group["ns_steps"])
             if wd:
-                p.mul_(1.0 - lr * wd)
+                p.mul_(1.0 - per_member(lr, p) * wd)
             scale = muon_scale(d_out, d_in, group["scale_convention"])
-            p.add_(from_matrix(X, p, transposed), alpha=-lr * scale)
+            descend_(p, from_matrix(X, p, transposed), lr * scale)
 
     def _adam_step(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                # The layout torch.optim.AdamW uses, so its functional update applies as is.
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        adamw(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            [],
-            steps,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-        )
+            if p.grad is not None:
+                adamw_update_(
+                    p, p.grad, self.state[p], group["lr"], group["betas"], group["eps"],
+                    group["weight_decay"],
+                )  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sweeper.optim.adamw import MuPAdamW, adamw_param_groups
+from sweeper.optim.adamw import AdamW, MuPAdamW, adamw_param_groups
 from sweeper.optim.lmo import LMO_NAMES
 from sweeper.optim.moga import MOGA
 from sweeper.optim.muon import SCALE_CONVENTIONS, Muon
@@ -85,13 +85,16 @@ def accepted_hparams(name: str) -> dict[str, Any]:
 
 
 def build_optimizer(
-    name: str, model: nn.Module, lr: float, **hparams: Any
+    name: str, model: nn.Module, lr: float | torch.Tensor, **hparams: Any
 ) -> torch.optim.Optimizer:
     """The optimizer `name` (one of OPTIMIZER_NAMES) over `model`'s trainable parameters.
 
     Parameters are grouped by role (`param_roles(model)`), each group with its own lr
     (`lr * lr_<role>`) and settings; unknown names or hyperparameters raise ValueError.
     For muon, `lr` is Muon's (hidden matrices) and `adam_lr` AdamW's (everything else).
+
+    A model whose parameters carry a leading member dim (K models in one, declared by
+    `model.members = K`) gets stacked groups, and `lr` may then be a tensor of K lrs.
     """
     _check_name(name)
     unknown = sorted(set(hparams) - set(_HPARAMS[name]))
@@ -104,6 +107,7 @@ def build_optimizer(
     roles = param_roles(model)
     if not roles:
         raise ValueError("the model has no trainable parameters")
+    h["stacked"] = getattr(model, "members", None) is not None
     return _BUILDERS[name](name, model, roles, lr, h)
 
 
@@ -134,9 +138,15 @@ def _build_adamw(
     if kind == "mup":
         width_mult = h["width_mult"] or _width(model, roles) / h["base_width"]
     groups = adamw_param_groups(
-        roles, lr, kind, width_mult, weight_decay=h["weight_decay"], lr_mults=_lr_mults(h)
+        roles,
+        lr,
+        kind,
+        width_mult,
+        weight_decay=h["weight_decay"],
+        lr_mults=_lr_mults(h),
+        stacked=h["stacked"],
     )
-    cls = MuPAdamW if kind == "mup" else torch.optim.AdamW
+    cls = MuPAdamW if kind == "mup" else AdamW
     return cls(groups, lr=lr, betas=(h["beta1"], h["beta2"]), eps=h["eps"])
 
 
@@ -147,7 +157,7 @@ def _width(model: nn.Module, roles: list[ParamRole]) -> float:
         return float(width)
     for pr in roles:
         if pr.role == "input":
-            return float(pr.param.shape[-1] if pr.transposed else pr.param.shape[0])
+            return float(pr.param.shape[-1] if pr.transposed else pr.param.shape[-2])
     raise ValueError("adamw-mup needs width_mult, a model.width, or an input layer to infer it")
 
 
@@ -165,6 +175,7 @@ def _build_muon(
                     lr=lr * mults[role],
                     role=role,
                     transposed=transposed,
+                    stacked=h["stacked"],
                 )
             )
         else:
@@ -219,6 +230,7 @@ def _build_scion(
             lmo=lmos[role],
             scale=h[f"scale_{role}"],
             transposed=transposed,
+            stacked=h["stacked"],
             role=role,
         )
         for (role, transposed), params in _by_role(roles).items()
@@ -255,6 +267,7 @@ def _build_moga(
                 fan_factor=h["head_fan_factor"] if role == "output" else True,
                 weight_decay=0.0 if role == "vector" else h["weight_decay"],
                 transposed=transposed,
+                stacked=h["stacked"],
                 role=role,
             )
         )

@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sweeper.optim.lmo import LMO_NAMES, as_matrix, from_matrix, get_lmo, init_on_ball_
+from sweeper.optim.lmo import (
+    LMO_NAMES,
+    as_matrix,
+    descend_,
+    from_matrix,
+    get_lmo,
+    init_on_ball_,
+    per_member,
+)
 from sweeper.optim.roles import param_label
 
 # `auto` picks the norm from the parameter's shape, like the reference code's default norm:
@@ -41,7 +49,8 @@ def _lmo_for(name: str, p: Tensor) -> str:
 class Scion(torch.optim.Optimizer):
     """Scion / uScion. Per-group keys (constructor values are the defaults):
 
-    lr, momentum (Scion's alpha: the weight of the new gradient), lmo (default `auto`), scale,
+    lr (a number, or with `stacked` a tensor of per-member lrs), momentum (Scion's alpha: the
+    weight of the new gradient), lmo (default `auto`), scale,
     unconstrained (False: Scion, True: uScion), transposed (weight stored (d_in, d_out), like
     nn.Embedding), stacked (leading dims are K models, not a conv kernel to flatten),
     ns_steps (Newton-Schulz steps of the spectral LMOs), zero_init (see `init`).
@@ -140,8 +149,8 @@ class Scion(torch.optim.Optimizer):
                 lmo = get_lmo(_lmo_for(group["lmo"], p), group["ns_steps"])
                 u = lmo(as_matrix(d, transposed, stacked))
                 if not group["unconstrained"]:
-                    p.mul_(1.0 - lr)
-                p.add_(from_matrix(u, p, transposed), alpha=-lr * scale)
+                    p.mul_(1.0 - per_member(lr, p))
+                descend_(p, from_matrix(u, p, transposed), lr * scale)
         return loss
 
 
