@@ -1,10 +1,9 @@
 """Benchmark: adaptive search vs a dense grid on the quickstart's cells (3 seeds).
 
-The grid is experiments/quickstart_search.yaml: the quickstart's cells (AdamW and uScion at
-widths 32, 64 and 128, 3 seeds) over wide ranges, 2^-12..2^-3 for AdamW and 2^-10..2^-3 for
-uScion. The dense baseline runs all of it, half-octave steps: what a researcher runs before
-knowing where the optima are (the quickstart's own grid was narrowed around them afterwards;
-its lr*s are listed too). Each search gets the same cells and ranges.
+The grid is experiments/quickstart.yaml: the quickstart's cells (AdamW and uScion at widths 32,
+64 and 128, 3 seeds) over wide ranges, 2^-12..2^-3 for AdamW and 2^-10..2^-3 for uScion. The
+dense baseline runs all of it, half-octave steps: what a researcher runs before knowing where
+the optima are. Each search gets the same cells and ranges.
 Everything runs through the real CLI, each in a fresh store, and is analysed by the report's
 code. Records trials used, wall time and each cell's distance of lr* from the dense grid's, with
 the machine, in benchmarks/results/search.md.
@@ -37,8 +36,7 @@ from machine import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = Path(sys.executable).parent / "sweep"
-QUICKSTART_GRID = ROOT / "tests" / "data" / "quickstart"
-GRID = ROOT / "experiments" / "quickstart_search.yaml"
+GRID = ROOT / "experiments" / "quickstart.yaml"
 TARGET_OCTAVES, TARGET_FRACTION = 0.25, 0.40
 RANGES = {
     opt: axis["lr"]["log2"]
@@ -135,8 +133,7 @@ def main() -> None:
             dense = {"method": "dense", "wall_s": None, "optima": optima(args.replay)}
             dense["trials"] = len(list((args.replay / "trials").glob("*.parquet")))
             runs = [replay(m, args.replay, Path(tmp)) for m in args.methods]
-        quickstart = {"trials": 0, "optima": {}}
-        result = {"machine": machine(), "dense": dense, "runs": runs, "quickstart_grid": quickstart}
+        result = {"machine": machine(), "dense": dense, "runs": runs}
         print(markdown(result))
         return
     if args.render:
@@ -147,11 +144,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         dense = run("dense", work)
         runs = [run(m, work) for m in args.methods]
-    quickstart = {
-        "trials": len(list((QUICKSTART_GRID / "trials").glob("*.parquet"))),
-        "optima": optima(QUICKSTART_GRID),
-    }
-    result = {"machine": machine(), "dense": dense, "runs": runs, "quickstart_grid": quickstart}
+    result = {"machine": machine(), "dense": dense, "runs": runs}
     (out / "search.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "search.md").write_text(markdown(result))
     print(markdown(result))
@@ -167,10 +160,7 @@ def _distances(run: dict, dense: dict) -> dict[str, float]:
 
 def markdown(r: dict) -> str:
     m, dense = r["machine"], r["dense"]
-    quick = r["quickstart_grid"]
     rows = list(r["runs"])
-    if quick["optima"]:
-        rows.append({"method": "quickstart grid (narrowed by hand)", "wall_s": None, **quick})
     lines = [
         "# Adaptive search vs a dense grid (quickstart cells, 3 seeds)",
         "",
@@ -188,8 +178,7 @@ def markdown(r: dict) -> str:
         "searches choose among the grid's own lrs and their trials are the dense grid's (same ids;",
         "training is deterministic on one machine), which is why they can agree with it this",
         "closely: where a search ran the lrs the dense grid's fit uses near the optimum, it finds",
-        "the dense grid's lr*. The hand-narrowed quickstart grid's store was trained on another",
-        "machine (tests/data/quickstart), so its distances carry that machine's rounding too.",
+        "the dense grid's lr*.",
         "",
         "| search | settings | trials | share | wall | within 0.25 oct | worst (oct) "
         "| inside the dense interval | median interval (+-oct) |",

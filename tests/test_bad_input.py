@@ -124,7 +124,7 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
 
 @pytest.fixture(autouse=True)
 def store(tmp_path: Path) -> Path:
-    """./results/quickstart, the store of every grid here, already holding 108 trials."""
+    """./results/quickstart, the store of every grid here, already holding the quickstart's."""
     path = tmp_path / "results" / "quickstart"
     shutil.copytree(QUICKSTART_STORE, path)
     return path

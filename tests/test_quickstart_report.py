@@ -1,8 +1,8 @@
 """The committed quickstart report is what the current code produces from its store.
 
-The reference run's report is in results/reference/quickstart/report and its store (108 trials)
-in tests/data/quickstart, both out of the quickstart command's way: the README's commands in
-their written order (install, quickstart, tests) must all pass.
+The reference run's report is in results/reference/quickstart/report and its store (the transfer
+search's trials) in tests/data/quickstart, both out of the quickstart command's way: the README's
+commands in their written order (install, quickstart, tests) must all pass.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_committed_report_matches_the_current_analysis(tmp_path):
         assert name is None or (REPORT / name).is_file()
 
 
-def test_committed_store_is_the_current_quickstart_grid():
+def test_committed_store_is_the_current_quickstarts_finished_search():
     import pandas as pd
 
     from sweeper.data import fingerprint
@@ -53,8 +53,8 @@ def test_committed_store_is_the_current_quickstart_grid():
             "quickstart was trained on, so its trial ids differ"
         )
     p = plan(spec, str(STORE.parent))
-    assert {t.trial_id for t in p.trials} == set(trials.trial_id)
-    assert not p.todo
+    assert set(trials.trial_id) <= {t.trial_id for t in p.trials}  # the grid's own trials
+    assert p.search is not None and not p.todo  # and the search proposes nothing more
 
 
 def test_the_quickstart_command_writes_nothing_a_test_reads():
