@@ -19,7 +19,7 @@ import pytest
 from sweeper.spec import MAX_GRID_BYTES, MAX_LISTED_ERRORS
 
 SWEEP = Path(sys.executable).parent / "sweep"
-QUICKSTART_STORE = Path(__file__).parent / "data" / "quickstart"
+QUICKSTART_STORE = Path(__file__).resolve().parents[1] / "results" / "reference" / "quickstart"
 
 # `results` defaults to ./results: the CLI runs in the test's folder, where the `results`
 # fixture has put a store.

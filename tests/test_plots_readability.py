@@ -23,7 +23,9 @@ from analysis import plots as P
 from analysis import report as R
 from analysis.synthetic import PlantedOptimizer, SyntheticConfig, write_synthetic_store
 
-QUICKSTART = Path(__file__).resolve().parent / "data" / "quickstart"  # real, 3 seeds
+QUICKSTART = (
+    Path(__file__).resolve().parents[1] / "results" / "reference" / "quickstart"
+)  # real, 3 seeds
 
 # Three seeds. adamw's optimum at width 128 (2^-6) lies on its grid's lower edge: a hollow
 # star; lr 2^-3 is more than 3 octaves above scion's optimum (2^-7): diverged crosses. Two

@@ -1,0 +1,77 @@
+"""Every committed report is what the current analysis derives from its committed store.
+
+Each study's folder under results/reference/ is its sweep's folder as `sweep run` left it (the
+trials, compacted) with the `report/` that `sweep report` wrote from it. A change to the analysis
+that moves a committed number or a verdict fails here, so a committed report cannot silently go
+stale: re-run `sweep report results/reference/STUDY` and say in the study's README what moved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from analysis import write_report
+
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
+STUDIES = sorted(p.name for p in REFERENCE.iterdir() if (p / "report" / "fits.json").is_file())
+# Where the numbers come from, not what they are: the store's path, the clock, the run's timings.
+UNCOMPARED = {("meta", "results"), ("meta", "generated_at"), ("meta", "timings_s")}
+# The bootstrap is seeded, so on one machine the numbers repeat exactly; another BLAS or CPU
+# rounds the fits' arithmetic differently, within this.
+REL, ABS = 1e-6, 1e-9
+
+
+def differences(new, old, path: tuple = ()) -> list[str]:
+    """Where two fits.json trees differ: words and structure exactly, numbers within REL/ABS."""
+    if path[:2] in UNCOMPARED:
+        return []
+    where = "/".join(map(str, path)) or "<top>"
+    if isinstance(old, dict) and isinstance(new, dict):
+        if new.keys() != old.keys():
+            return [f"{where}: keys {sorted(new)} != {sorted(old)}"]
+        return [d for k in old for d in differences(new[k], old[k], (*path, k))]
+    if isinstance(old, list) and isinstance(new, list):
+        if len(new) != len(old):
+            return [f"{where}: {len(new)} items != {len(old)}"]
+        pairs = enumerate(zip(new, old, strict=True))
+        return [d for i, (n, o) in pairs for d in differences(n, o, (*path, i))]
+    numbers = (int, float)
+    if (
+        isinstance(old, numbers)
+        and isinstance(new, numbers)
+        and not isinstance(old, bool)
+        and not isinstance(new, bool)
+    ):
+        return (
+            [] if math.isclose(new, old, rel_tol=REL, abs_tol=ABS) else [f"{where}: {new} != {old}"]
+        )
+    return [] if new == old else [f"{where}: {new!r} != {old!r}"]
+
+
+def test_differences_sees_a_moved_number_a_flipped_verdict_and_a_lost_row():
+    old = {"meta": {"generated_at": "x"}, "w": [{"verdict": "transfers", "slope": -0.1}]}
+    assert differences({"meta": {"generated_at": "y"}, "w": old["w"]}, old) == []
+    assert differences({**old, "w": [{"verdict": "transfers", "slope": -0.1 + 1e-12}]}, old) == []
+    assert differences({**old, "w": [{"verdict": "transfers", "slope": -0.2}]}, old)
+    assert differences({**old, "w": [{"verdict": "drifts", "slope": -0.1}]}, old)
+    assert differences({**old, "w": []}, old)
+
+
+def test_there_are_committed_reports():
+    assert "quickstart" in STUDIES
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_committed_report_is_rederived_from_its_store(study, tmp_path):
+    committed_dir = REFERENCE / study / "report"
+    committed = json.loads((committed_dir / "fits.json").read_text())
+    fresh_dir = write_report(REFERENCE / study, tmp_path).parent
+    fresh = json.loads((fresh_dir / "fits.json").read_text())
+    found = differences(fresh, committed)
+    assert not found, f"{study}: the committed report is stale:\n" + "\n".join(found[:20])
+    for name in committed["figures"].values():
+        assert name is None or (committed_dir / name).is_file()
