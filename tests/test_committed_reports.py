@@ -1,4 +1,5 @@
-"""Every committed report is what the current analysis derives from its committed store.
+"""Every committed report is what the current analysis derives from its committed store, and
+every committed store is what its experiment file runs today.
 
 Each study's folder under results/reference/ is its sweep's folder as `sweep run` left it (the
 trials, compacted) with the `report/` that `sweep report` wrote from it. A change to the analysis
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from analysis import write_report
+from sweeper.spec import load_spec
 
-REFERENCE = Path(__file__).resolve().parents[1] / "results" / "reference"
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "results" / "reference"
 STUDIES = sorted(p.name for p in REFERENCE.iterdir() if (p / "report" / "fits.json").is_file())
 # Where the numbers come from, not what they are: the store's path, the clock, the run's timings.
 UNCOMPARED = {("meta", "results"), ("meta", "generated_at"), ("meta", "timings_s")}
@@ -75,3 +78,49 @@ def test_committed_report_is_rederived_from_its_store(study, tmp_path):
     assert not found, f"{study}: the committed report is stale:\n" + "\n".join(found[:20])
     for name in committed["figures"].values():
         assert name is None or (committed_dir / name).is_file()
+
+
+def experiment_file(study: str) -> Path:
+    """The grid file a committed study ran: the quickstart's, or its CPU-scale study file."""
+    if study == "quickstart":
+        return ROOT / "experiments" / "quickstart.yaml"
+    return ROOT / "experiments" / "cpu" / f"{study}.yaml"
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_committed_store_is_its_experiment_files_finished_run(study):
+    """Editing a study's file (its grid, its search) without running it again fails here."""
+    import pandas as pd
+
+    from sweeper.data import fingerprint
+    from sweeper.orchestrate import plan
+
+    spec = load_spec(experiment_file(study))
+    assert spec.name == study
+    trials = pd.read_parquet(REFERENCE / study / "trials", columns=["trial_id", "data_fingerprint"])
+    if set(trials.data_fingerprint) != {fingerprint(spec.data)}:
+        pytest.skip(
+            "this machine's Python standard library differs from the one the committed "
+            "study was trained on, so its trial ids differ"
+        )
+    p = plan(spec, str(REFERENCE))
+    assert set(trials.trial_id) <= {t.trial_id for t in p.trials}  # the grid's own trials
+    assert not p.todo  # and nothing is left to run or to search
+
+
+@pytest.mark.parametrize("study", STUDIES)
+def test_running_a_study_writes_nothing_a_test_reads(study):
+    """A user's run of the study (the quickstart first, in the README's order) writes to its own
+    folder under results/, never over the committed one."""
+    import subprocess
+
+    spec = load_spec(experiment_file(study))
+    writes = (ROOT / spec.results).resolve() / spec.name  # the store, and its report/ inside
+    assert not (REFERENCE / study).resolve().is_relative_to(writes)
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    inside = [f for f in tracked if (ROOT / f).resolve().is_relative_to(writes)]
+    assert inside == [], f"running {study} would overwrite committed files: {inside[:3]}"
