@@ -155,6 +155,13 @@ def _sem(y: np.ndarray) -> np.ndarray:
     return np.where(n >= 2, np.sqrt(ss / np.maximum(n - 1, 1) / np.maximum(n, 1)), np.nan)
 
 
+def _step_at(x: np.ndarray, i: int) -> float:
+    """The lr grid's resolution at the argmin: the wider of its gaps to its neighbours (a
+    search's scan points far from the optimum do not count)."""
+    gaps = [x[j + 1] - x[j] for j in (i - 1, i) if 0 <= j < len(x) - 1]
+    return float(max(gaps)) if gaps else np.nan
+
+
 def _interaction(x: np.ndarray, y: np.ndarray, centre: float) -> tuple[float, int]:
     """Sum of squares and degrees of freedom of the lr-by-seed interaction over the lrs within
     the fit window of `centre` where every seed of the cell was measured and finite."""
@@ -266,6 +273,7 @@ def find_optima(
                 "log2_lr_min": float(x[0]),
                 "log2_lr_max": float(x[-1]),
                 "argmin_log2_lr": float(x[i]) if finite.any() else np.nan,
+                "lr_step": _step_at(x, i) if finite.any() else np.nan,
                 "log2_lr_star": x0,
                 "lr_star": float(2.0**x0) if np.isfinite(x0) else np.nan,
                 "loss_star": float(fit.c[0]),

@@ -164,9 +164,9 @@ def _what_would_settle(fit: TransferFit, used: pd.DataFrame) -> str:
     seeds = int(used["n_seeds"].min())
     if seeds < 3:
         wants.append(f"3 or more seeds per point (now {seeds})")
-    steps = used["log2_lr_max"].sub(used["log2_lr_min"]) / used["n_lr"].sub(1).clip(lower=1)
-    if float(steps.max()) > 0.5:
-        wants.append(f"a finer lr grid near the optimum (now {float(steps.max()):g} octave)")
+    step = float(used["lr_step"].max())
+    if step > 0.5:
+        wants.append(f"a finer lr grid near the optimum (now {step:.2g} octave)")
     doublings = np.log2(fit.sizes[-1] / fit.sizes[0])
     if doublings < 3:
         wants.append(f"a wider range of {fit.axis}s (now {doublings:g} doublings)")

@@ -80,3 +80,15 @@ def test_locate_optimum_interior_edge_and_diverged():
     assert not loc.interior[1]
     assert loc.valid[2] and np.isfinite(loc.x_star[2]) and loc.x_star[2] < x[6]
     assert not loc.valid[3] and np.isnan(loc.x_star[3])
+
+
+def test_the_grid_step_at_the_optimum_ignores_far_scan_points():
+    """A search's lrs: scanned two octaves apart, half an octave apart around its optimum. The
+    advice 'a finer lr grid near the optimum' must read the spacing there, not the mean."""
+    from analysis.optimum import _step_at
+
+    x = np.array([-12.0, -10.0, -8.0, -7.5, -7.0, -6.5, -6.0, -4.0])
+    assert _step_at(x, 4) == 0.5
+    assert _step_at(x, 3) == 0.5
+    assert _step_at(x, 2) == 2.0  # beside a scan point: that gap is the resolution
+    assert _step_at(x, 0) == 2.0 and np.isnan(_step_at(x[:1], 0))  # one lr: no step
