@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .coord import coord_growth
 from .errors import AnalysisError
 from .horizons import default_horizons, horizon_table
 from .layer_lr import fit_layer_lr
@@ -31,6 +32,7 @@ class Analysis:
     norm: NormTransfer | None
     scaling: ScalingFits
     layer_lr: list[dict]
+    coord: list[dict]  # analysis.coord's growth records, one per optimizer and layer
     predict_width: int | None
     n_bootstrap: int
     tolerance: float
@@ -86,6 +88,7 @@ def analyze(
         norm=norm,
         scaling=scaling,
         layer_lr=layer,
+        coord=coord_growth(results),
         predict_width=predict_width,
         n_bootstrap=n_bootstrap,
         tolerance=tolerance,

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from sweeper.store import STATUSES, status_words
 
+from .coord import coord_sentences
 from .load import METRIC_DESCRIPTIONS
 from .norm_transfer import summary_sentences as norm_sentences
 from .optimum import NEAR_OPTIMAL, WINDOW
@@ -149,6 +150,7 @@ def build_fits(an: Analysis, figures: dict[str, str | None] | None = None) -> di
             "optima": an.scaling.optima,
         },
         "layer_lr": an.layer_lr,
+        "coord_check": an.coord,
         "figures": figures or {},
         "notes": res.notes,
         "conclusions": conclusions(an),
@@ -255,6 +257,17 @@ def conclusions(an: Analysis) -> list[str]:
         )
         return out
     table = an.optima.table
+    if (table["n_lr"] <= 1).all():
+        # A fixed-lr sweep (a coord check, say) has no loss-vs-lr curve: nothing to fit or judge.
+        out.append(
+            "One lr per cell: these runs measure fixed learning rates (a coord check, say), so"
+            " there is no optimal lr to fit and no transfer verdict; the figures show the runs."
+        )
+        dead = table[table["status"] == "all_diverged"]
+        if len(dead):
+            out.append("Diverged at every seed: " + _some_labels(dead))
+        out.extend(coord_sentences(an.coord))
+        return out
     short = table[table["status"] == "too_few_lrs"]
     if len(short):
         out.append(
@@ -374,6 +387,7 @@ def conclusions(an: Analysis) -> list[str]:
                 f"{b['lr_output']:g}:{b['lr_vector']:g},"
                 f" {-100 * b['relative']:.2f} % lower loss than all ones."
             )
+    out.extend(coord_sentences(an.coord))
     return out
 
 

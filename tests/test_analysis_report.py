@@ -170,3 +170,27 @@ def test_readme_documents_every_fits_json_key(fits):
     for where, record in records.items():
         for key in record:
             assert f"`{key}`" in section, f"README's fits.json section lacks {where}.{key}"
+
+
+def test_coord_check_growth_is_the_planted_one(fits):
+    """The synthetic store plants mean |activation| growing as (width/64)^0.5 by the last
+    coord-check step for an optimizer whose lr drifts, flat for one whose lr transfers."""
+    records = fits["coord_check"]
+    assert {r["optimizer"] for r in records} == {"adamw", "scion"}
+    for r in records:
+        assert r["widths"] == [64, 256] and r["step"] == 3 and r["widths_short_of_step"] == []
+        planted = 2.0 if r["optimizer"] == "adamw" else 1.0  # (256 / 64) ** 0.5
+        assert r["growth"] == pytest.approx(planted, rel=1e-9)
+        assert r["growth_range"] == pytest.approx([planted, planted], rel=1e-9)
+    words = [c for c in fits["conclusions"] if c.startswith("coord check, adamw")]
+    assert len(words) == 1 and "x2 (" in words[0]
+
+
+def test_a_fixed_lr_sweep_is_described_not_called_a_failed_fit(tmp_path):
+    cfg = dataclasses.replace(BASE, name="coord", log2_lr=(-7.0, -7.0, 1.0), failed_every=0)
+    fits = json.loads(
+        (write_report(write_synthetic_store(tmp_path, cfg)).parent / "fits.json").read_text()
+    )
+    said = " ".join(fits["conclusions"])
+    assert "One lr per cell" in said and "Fit impossible" not in said
+    assert "inconclusive" not in said and "coord check, scion" in said
