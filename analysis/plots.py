@@ -23,9 +23,9 @@ from .pipeline import Analysis
 from .transfer import TransferFit, headline
 
 FIGURE_NEEDS = {
-    "loss_vs_lr": "at least one cell with a finite loss",
-    "lr_star_vs_width": "at least two widths",
-    "loss_vs_norm": "output norms (out_rms_to_inf) in the steps table",
+    "loss_vs_lr": "at least one cell with a finite loss at two or more lrs",
+    "lr_star_vs_width": "at least two widths, and two or more lrs in a cell",
+    "loss_vs_norm": "output norms (out_rms_to_inf) in the steps table, at two or more lrs",
     "lr_batch_heatmap": "at least two batch sizes in one configuration",
     "loss_vs_time": "steps rows for the tuned trials",
     "coord_check": "coord-check rows (train.coord_check > 0) at two or more widths",
@@ -160,10 +160,17 @@ def _hollow_label(statuses: set[str]) -> str:
     return "optimum, flagged: " + ", ".join(s.replace("_", " ") for s in sorted(statuses))
 
 
+def _one_lr_per_cell(an: Analysis) -> bool:
+    """A fixed-lr sweep (a coord check, say): no loss-vs-lr curve to draw or fit."""
+    return bool((an.optima.table["n_lr"] <= 1).all()) if len(an.optima.table) else True
+
+
 def plot_loss_vs_lr(an: Analysis) -> Figure | None:
     fams = headline(an.width_transfer)
     curves = an.optima.curves
     if not fams or curves.empty or not np.isfinite(curves["mean"].to_numpy(float)).any():
+        return None
+    if _one_lr_per_cell(an):
         return None
     fig, axes = _panels(len(fams))
     shown = curves[curves["cell"].isin([c for f in fams.values() for c in f.cells])]
@@ -257,7 +264,7 @@ def plot_loss_vs_lr(an: Analysis) -> Figure | None:
 
 def plot_lr_star_vs_width(an: Analysis) -> Figure | None:
     fams = headline(an.width_transfer)
-    if not fams or all(len(f.sizes) < 2 for f in fams.values()):
+    if not fams or all(len(f.sizes) < 2 for f in fams.values()) or _one_lr_per_cell(an):
         return None
     fig, axes = _panels(len(fams))
     for ax, fit in zip(axes, fams.values(), strict=True):
@@ -366,7 +373,7 @@ def _norm_family(nt, opt: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
 
 def plot_loss_vs_norm(an: Analysis) -> Figure | None:
     nt = an.norm
-    if nt is None or nt.points.empty:
+    if nt is None or nt.points.empty or _one_lr_per_cell(an):
         return None
     # One panel per width of each optimizer's headline family: every width its verdict on the
     # optimal norm's trend rests on is shown, and those that could not enter it too.

@@ -194,3 +194,6 @@ def test_a_fixed_lr_sweep_is_described_not_called_a_failed_fit(tmp_path):
     said = " ".join(fits["conclusions"])
     assert "One lr per cell" in said and "Fit impossible" not in said
     assert "inconclusive" not in said and "coord check, scion" in said
+    figures = fits["figures"]  # no lr axis to draw: only the runs themselves
+    assert figures["loss_vs_lr"] is figures["lr_star_vs_width"] is figures["loss_vs_norm"] is None
+    assert figures["coord_check"] == "coord_check.png"
