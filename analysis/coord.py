@@ -12,30 +12,39 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from .load import Results
+
+
+def coord_at_one_lr(res: Results) -> dict[str, tuple[float, pd.DataFrame]]:
+    """Per optimizer with coord-check rows at two or more widths: the lr they are read at (the
+    one recorded at the most widths, then the middle one) and its rows, with the trials'
+    optimizer, width, log2_lr and seed joined on."""
+    if res.coord.empty:
+        return {}
+    info = res.trials.set_index("tix")[["optimizer", "width", "log2_lr", "seed"]]
+    rows = res.coord.join(info, on="tix")
+    out = {}
+    for opt, r in rows.groupby("optimizer", sort=True):
+        if r["width"].nunique() < 2:
+            continue
+        per_lr = r.groupby("log2_lr")["width"].nunique()
+        lrs = per_lr.index[per_lr == per_lr.max()].to_numpy(float)
+        lr = float(lrs[len(lrs) // 2])
+        out[str(opt)] = (lr, r[r["log2_lr"] == lr])
+    return out
 
 
 def coord_growth(res: Results) -> list[dict[str, Any]]:
     """Per optimizer and layer: mean |activation| at the last coord-check step, at the widest
     width that reached it over the narrowest (geometric mean over seeds, with their range).
 
-    The lr is the one the coord-check figure shows (recorded at the most widths, then the
-    middle one). A width whose trials diverged before the last step drops out of it; the record
-    says which widths the ratio spans.
+    Read at coord_at_one_lr's lr, the one the coord-check figure shows. A width whose trials
+    diverged before the last step drops out of it; the record says which widths the ratio spans.
     """
-    if res.coord.empty:
-        return []
-    info = res.trials.set_index("tix")[["optimizer", "width", "log2_lr", "seed"]]
-    rows = res.coord.join(info, on="tix")
     out = []
-    for opt, r in rows.groupby("optimizer", sort=True):
-        if r["width"].nunique() < 2:
-            continue
-        per_lr = r.groupby("log2_lr")["width"].nunique()
-        lrs = per_lr.index[per_lr == per_lr.max()].to_numpy(float)
-        lr = lrs[len(lrs) // 2]
-        r = r[r["log2_lr"] == lr]
+    for opt, (lr, r) in coord_at_one_lr(res).items():
         step = int(r["step"].max())
         last = r[r["step"] == step]
         widths = sorted(last["width"].unique())
@@ -54,7 +63,7 @@ def coord_growth(res: Results) -> list[dict[str, Any]]:
             out.append(
                 {
                     "optimizer": opt,
-                    "log2_lr": float(lr),
+                    "log2_lr": lr,
                     "layer": layer,
                     "layer_index": int(index),
                     "step": step,

@@ -38,6 +38,12 @@ class Analysis:
     tolerance: float
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def fixed_lr(self) -> bool:
+        """One lr per cell (a coord check, say): no loss-vs-lr curve to fit or draw."""
+        table = self.optima.table
+        return bool(len(table)) and bool((table["n_lr"] <= 1).all())
+
 
 def analyze(
     results: str | Path | Results,

@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator, MultipleLocator
 
+from .coord import coord_at_one_lr
 from .load import CONFIG_COLUMNS, format_value
 from .pipeline import Analysis
 from .transfer import TransferFit, headline
@@ -160,17 +161,12 @@ def _hollow_label(statuses: set[str]) -> str:
     return "optimum, flagged: " + ", ".join(s.replace("_", " ") for s in sorted(statuses))
 
 
-def _one_lr_per_cell(an: Analysis) -> bool:
-    """A fixed-lr sweep (a coord check, say): no loss-vs-lr curve to draw or fit."""
-    return bool((an.optima.table["n_lr"] <= 1).all()) if len(an.optima.table) else True
-
-
 def plot_loss_vs_lr(an: Analysis) -> Figure | None:
     fams = headline(an.width_transfer)
     curves = an.optima.curves
-    if not fams or curves.empty or not np.isfinite(curves["mean"].to_numpy(float)).any():
+    if an.fixed_lr or not fams or curves.empty:
         return None
-    if _one_lr_per_cell(an):
+    if not np.isfinite(curves["mean"].to_numpy(float)).any():
         return None
     fig, axes = _panels(len(fams))
     shown = curves[curves["cell"].isin([c for f in fams.values() for c in f.cells])]
@@ -264,7 +260,7 @@ def plot_loss_vs_lr(an: Analysis) -> Figure | None:
 
 def plot_lr_star_vs_width(an: Analysis) -> Figure | None:
     fams = headline(an.width_transfer)
-    if not fams or all(len(f.sizes) < 2 for f in fams.values()) or _one_lr_per_cell(an):
+    if not fams or all(len(f.sizes) < 2 for f in fams.values()) or an.fixed_lr:
         return None
     fig, axes = _panels(len(fams))
     for ax, fit in zip(axes, fams.values(), strict=True):
@@ -373,7 +369,7 @@ def _norm_family(nt, opt: str) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
 
 def plot_loss_vs_norm(an: Analysis) -> Figure | None:
     nt = an.norm
-    if nt is None or nt.points.empty or _one_lr_per_cell(an):
+    if nt is None or nt.points.empty or an.fixed_lr:
         return None
     # One panel per width of each optimizer's headline family: every width its verdict on the
     # optimal norm's trend rests on is shown, and those that could not enter it too.
@@ -655,22 +651,11 @@ def plot_loss_vs_time(an: Analysis) -> Figure | None:
 
 
 def plot_coord_check(an: Analysis) -> Figure | None:
-    coord = an.results.coord
-    if coord.empty:
+    per_opt = coord_at_one_lr(an.results)
+    if not per_opt:
         return None
-    info = an.results.trials.set_index("tix")[["optimizer", "width", "log2_lr"]]
-    rows = coord.join(info, on="tix")
-    opts = [o for o, r in rows.groupby("optimizer", sort=True) if r["width"].nunique() >= 2]
-    if not opts:
-        return None
-    fig, axes = _panels(len(opts))
-    for ax, opt in zip(axes, opts, strict=True):
-        r = rows[rows["optimizer"] == opt]
-        # One lr for all widths: the one recorded at the most widths, then the middle one.
-        per_lr = r.groupby("log2_lr")["width"].nunique()
-        lrs = per_lr.index[per_lr == per_lr.max()].to_numpy(float)
-        lr = lrs[len(lrs) // 2]
-        r = r[r["log2_lr"] == lr]
+    fig, axes = _panels(len(per_opt))
+    for ax, (opt, (lr, r)) in zip(axes, per_opt.items(), strict=True):
         steps = sorted(r["step"].unique())
         shown_steps = [steps[0], steps[-1]] if len(steps) > 1 else steps
         layers = r.drop_duplicates("layer_index").sort_values("layer_index")

@@ -257,8 +257,7 @@ def conclusions(an: Analysis) -> list[str]:
         )
         return out
     table = an.optima.table
-    if (table["n_lr"] <= 1).all():
-        # A fixed-lr sweep (a coord check, say) has no loss-vs-lr curve: nothing to fit or judge.
+    if an.fixed_lr:
         out.append(
             "One lr per cell: these runs measure fixed learning rates (a coord check, say), so"
             " there is no optimal lr to fit and no transfer verdict; the figures show the runs."
