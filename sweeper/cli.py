@@ -308,6 +308,8 @@ def run(
                     }
                 ),
             )
+            if p.search:
+                progress.ended()
     except SweepError as err:
         _fail(str(err))
     except KeyboardInterrupt:

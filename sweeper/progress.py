@@ -93,6 +93,11 @@ class SweepProgress:
         )
         self._refresh()
 
+    def ended(self) -> None:
+        """The sweep ran to its end: a search's total (the most it could run) becomes what it
+        ran, so the bar ends full instead of estimating time for trials never proposed."""
+        self._progress.update(self._task, total=self._progress.tasks[0].completed)
+
     def retried(self, trial: TrialSpec) -> None:
         self.console.print(f"[red]    retry[/] {describe(trial)}", highlight=False)
 

@@ -228,6 +228,7 @@ def test_a_transfer_search_runs_then_reruns_nothing(tmp_path, sweep_cli):
     store = Store(tmp_path / "results", "tiny")
     n = len(store.trial_ids())
     assert 6 + 2 * 3 <= n <= 48
+    assert f"{n}/{n}" in out.stdout and "/48" not in out.stdout  # the bar ends full
     again = sweep_cli("run", str(grid), "--executor", "local")
     assert again.returncode == 0 and f"{n} already stored, 0 to run" in again.stdout
     assert len(store.trial_ids()) == n
