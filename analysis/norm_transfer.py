@@ -14,6 +14,12 @@ of optimal norm per doubling with a 95 % interval, judged by `verdict.judge` aga
 tolerance. A spread below some threshold is not a test: a spread says nothing of a trend, and
 two fits say nothing of a spread. Any verdict needs MIN_FITS interior fits over MIN_HORIZONS
 horizons. Readings from where the lr schedule had begun to decay (see horizons.py) are left out.
+
+An optimal norm is located only where the lr sets the norm: when the lrs of a fit's window move
+the output norm by less than MIN_NORM_SPAN octave (a constrained optimizer holding the layer on
+its norm ball, or a head trained by another optimizer at a fixed lr), the loss is not a function
+of the norm there, and the "optimum" would only be the norm at the best lr, with an interval as
+narrow as the window; such a fit is `norm_flat` and enters no trend.
 """
 
 from __future__ import annotations
@@ -45,6 +51,16 @@ MIN_HORIZONS = 2
 # fraction of the resamples; otherwise the surviving ones are a biased subset).
 MIN_BOOT_FRACTION = 0.5
 TREND_AXES = ("width", "horizon")
+# The least span of log2 norms a fit's window must cover: twice the default tolerance, so that
+# an optimal norm moving by the tolerance (one doubling's worth of drift) stays inside it.
+MIN_NORM_SPAN = 2 * DEFAULT_TOLERANCE
+# A fit's status, in words, for the reasons a family's fits stay out of its trends.
+STATUS_WORDS = {
+    "edge": "the optimal norm on the edge of its fit",
+    "not_convex": "a loss curve with no minimum",
+    "too_few_points": "too few lrs",
+    "norm_flat": f"lrs that move the output norm by under {MIN_NORM_SPAN:g} octave",
+}
 
 NORM_GROUP = tuple(c for c in CONFIG_COLUMNS if c not in ("batch_size", "steps"))
 # A family: everything fixed but width (and horizon and batch size, inside each fit's group).
@@ -125,10 +141,14 @@ def _fit_one(
         "c": float(fit.c),
         "x_lo": float(fit.x_lo),
         "x_hi": float(fit.x_hi),
+        "norm_span": float(np.ptp(x[sl])),
         "bootstrap": None,
     }
     if k < fit.min_points:
         out["status"] = "too_few_points"
+        return out, None
+    if out["norm_span"] < MIN_NORM_SPAN:
+        out["status"] = "norm_flat"
         return out, None
     if not bool(fit.convex):
         out["status"] = "not_convex"
@@ -453,9 +473,10 @@ def _missing_words(used: pd.DataFrame, fam: pd.DataFrame) -> str:
         f" horizons; this family has {n} fit{'s' if n != 1 else ''} over {h}"
         f" horizon{'s' if h != 1 else ''}"
     )
-    rest = len(fam) - n
-    if rest:
-        words += f" ({rest} more with the optimal norm on the edge of its fit, or none)"
+    left_out = fam.drop(used.index)["status"].value_counts()
+    if len(left_out):
+        parts = [f"{c} with {STATUS_WORDS.get(s, s)}" for s, c in left_out.items()]
+        words += " (left out: " + "; ".join(parts) + ")"
     return words
 
 

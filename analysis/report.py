@@ -27,6 +27,7 @@ from sweeper.store import STATUSES, status_words
 
 from .coord import coord_sentences
 from .load import METRIC_DESCRIPTIONS
+from .norm_transfer import MIN_NORM_SPAN
 from .norm_transfer import summary_sentences as norm_sentences
 from .optimum import NEAR_OPTIMAL, WINDOW
 from .pipeline import Analysis, analyze
@@ -624,6 +625,7 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
                 _num(r["log2_norm_opt"], "{:.2f}"),
                 _fmt_ci([_f(r["ci_lo"]), _f(r["ci_hi"])], "{:.2f}"),
                 str(r["n_points"]),
+                _num(r["norm_span"], "{:.2f}"),
                 str(r["status"]),
             ]
             for _, r in an.norm.best.iterrows()
@@ -637,12 +639,21 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
                     "log2 norm*",
                     "95 % CI",
                     "points",
+                    "norms spanned (octaves)",
                     "status",
                 ],
                 rows,
                 bad=[r[-1] != "ok" for r in rows],
             )
         )
+        if (an.norm.best["status"] == "norm_flat").any():
+            parts.append(
+                "<p>norm_flat: the lrs around the best loss moved the output norm by under"
+                f" {MIN_NORM_SPAN:g} octave, so something other than the lr sets the norm there"
+                " (a norm constraint, the initialisation, another optimizer's fixed lr) and the"
+                " loss is no function of it: no optimal norm is located, and the fit enters no"
+                " trend.</p>"
+            )
     laws = [law for law in an.scaling.lr_law if law["status"] == "ok"]
     if laws:
         parts.append("<h2>Scaling of the optimal lr</h2>")

@@ -8,7 +8,7 @@ The planted model, at every log row with t tokens seen:
     log2 lr*(t)  = centre + width_slope log2(w / ref_width) + depth_slope log2(d / ref_depth)
                    + batch_exponent log2(B / ref_batch) + tokens_exponent log2(t / ref_tokens)
     dx           = log2 lr - log2 lr*(t)
-    log2 norm(t) = optimal_log2_norm + norm_width_slope log2(w / ref_width) + dx
+    log2 norm(t) = optimal_log2_norm + norm_width_slope log2(w / ref_width) + norm_lr_slope dx
                                                    (output layer rms->inf)
     loss(t)      = floor(w, t) + curvature dx^2 + batch_curvature (log2 B - log2 B*(t))^2
                    + multiplier_curvature (log2 lr_hidden - log2 best_lr_hidden)^2 + noise
@@ -72,6 +72,7 @@ class SyntheticConfig:
     diverge_octaves: float | None = 3.0
     optimal_log2_norm: float = 5.0
     norm_width_slope: float = 0.0  # d (loss-optimal log2 norm) / d log2 width
+    norm_lr_slope: float = 1.0  # d log2 norm / d log2 lr: near 0 when the lr does not set it
     schedule: str = "constant"  # lr schedule of the specs: constant | linear | cosine
     warmdown: float = 0.0  # final fraction of steps with a linear warm-down, in the specs
     batch_law: tuple[float, float] | None = None  # (log2 k, e)
@@ -160,7 +161,7 @@ def _trial_result(
     log2_norm = (
         config.optimal_log2_norm
         + config.norm_width_slope * math.log2(spec.width / config.ref_width)
-        + dx
+        + config.norm_lr_slope * dx
         + rng.normal(0.0, 0.01, len(steps))
     )
 

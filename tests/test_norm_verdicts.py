@@ -132,6 +132,27 @@ def test_one_width_leaves_the_width_trend_untested(constant):
     assert trends["horizon"]["verdict"] == "transfers"  # 3 fits over 3 horizons
 
 
+def test_lrs_that_barely_move_the_norm_locate_no_optimal_norm(tmp_path_factory):
+    # The lr moves the norm 0.02 octave per octave (a head held on its norm ball, or trained by
+    # another optimizer): the best lr's norm is known to +-0.01 octave, but it is no optimum of
+    # the loss over norms, and a trend of it would be judged on intervals as narrow as the window.
+    flat = _horizons(tmp_path_factory, dataclasses.replace(NORM, name="flat", norm_lr_slope=0.02))
+    nt = fit_norm_transfer(flat, n_bootstrap=200)
+    assert (nt.fits["status"] == "norm_flat").all()
+    assert nt.fits["log2_norm_opt"].isna().all() and (nt.fits["norm_span"] < 0.5).all()
+    for rec in _trends(nt).values():
+        assert rec["verdict"] == "inconclusive" and rec["slope"] is None
+        assert "9 with lrs that move the output norm by under 0.5 octave" in rec["verdict_why"]
+
+
+def test_lrs_that_move_the_norm_a_fifth_as_much_still_locate_it(tmp_path_factory):
+    weak = _horizons(tmp_path_factory, dataclasses.replace(NORM, name="weak", norm_lr_slope=0.2))
+    nt = fit_norm_transfer(weak, n_bootstrap=200)
+    assert (nt.fits["status"] == "ok").all()
+    for rec in _trends(nt).values():
+        assert rec["verdict"] == "transfers", rec["verdict_why"]
+
+
 # --------------------------------------------------------------------------- decayed horizons
 
 
