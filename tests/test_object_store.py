@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -131,12 +132,16 @@ def test_an_object_store_that_does_not_answer_is_one_message(tmp_path, sweep_cli
         "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    for args in (
-        ["run", grid_file(tmp_path, "s3://sweeps/study"), "--executor", "local"],
-        ["run", grid_file(tmp_path, "s3://sweeps/study"), "--dry-run"],
+    grid = grid_file(tmp_path, "s3://sweeps/study")
+    commands = (
+        ["run", grid, "--executor", "local"],
+        ["run", grid, "--dry-run"],
         ["status", "s3://sweeps/study"],
         ["report", "s3://sweeps/study"],
-    ):
-        out = sweep_cli(*args, timeout=120, **nowhere)
+    )
+    # Each waits out the S3 client's retries (about 7 s, idle): all four at once.
+    with ThreadPoolExecutor(len(commands)) as pool:
+        outs = list(pool.map(lambda args: sweep_cli(*args, timeout=120, **nowhere), commands))
+    for args, out in zip(commands, outs, strict=True):
         assert out.returncode == 2, (args, out.stderr)
         assert "Could not connect" in out.stderr and "Traceback" not in out.stderr, args
