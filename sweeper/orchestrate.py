@@ -613,7 +613,7 @@ def _tune(
             stop=store_errors,
             failure_config=tune.FailureConfig(max_failures=p.spec.execution.retries),
             callbacks=[
-                progress.tune_callback(by_id, trial_id),
+                progress.tune_callback(by_id, trial_id, lambda: _stored_statuses(p.store)),
                 *(tracking.callbacks() if tracking else []),
             ],
             verbose=0,
@@ -646,6 +646,18 @@ def _tune(
     # report carries a status) nor failed. The sweep was interrupted: say so.
     if any(r.error is None and "status" not in (r.metrics or {}) for r in results):
         raise KeyboardInterrupt
+
+
+def _stored_statuses(store: Store) -> dict[str, str]:
+    """Every stored trial's status by id; none when the store cannot be read (the sweep's own
+    write errors say why)."""
+    try:
+        return {
+            r["trial_id"]: r["status"]
+            for r in store.read("trials", ["trial_id", "status"]).to_pylist()
+        }
+    except StoreError:
+        return {}
 
 
 def _asha_can_stop(t: TrialSpec, grace: float) -> bool:

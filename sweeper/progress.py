@@ -102,10 +102,15 @@ class SweepProgress:
         self.console.print(f"[red]    retry[/] {describe(trial)}", highlight=False)
 
     def tune_callback(
-        self, by_id: dict[str, list[TrialSpec]], trial_id: Callable[[Any], str]
+        self,
+        by_id: dict[str, list[TrialSpec]],
+        trial_id: Callable[[Any], str],
+        stored: Callable[[], dict[str, str]],
     ) -> Any:
         """A Ray Tune callback feeding this progress from the controller's events; a Tune
-        trial is a bundle of one or more of the sweep's trials (`by_id`), each counted."""
+        trial is a bundle of one or more of the sweep's trials (`by_id`), each counted.
+        `stored()` maps the store's trial ids to their statuses: a bundle that raised may have
+        stored some members first (one that diverged, say), and those are not failures."""
         from ray import tune
 
         class _Callback(tune.Callback):
@@ -136,7 +141,12 @@ class SweepProgress:
                     self.progress.finished(spec, last.get(f"{member_label(spec)}/status", status))
 
             def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-                for spec in self._members(trial):
-                    self.progress.finished(spec, "failed", _last_line(trial.error_file))
+                members = self._members(trial)
+                done = stored() if len(members) > 1 else {}
+                for spec in members:
+                    if spec.trial_id in done:
+                        self.progress.finished(spec, done[spec.trial_id])
+                    else:
+                        self.progress.finished(spec, "failed", _last_line(trial.error_file))
 
         return _Callback(self)

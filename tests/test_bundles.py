@@ -199,6 +199,23 @@ def test_a_failing_bundle_is_retried_then_its_members_are_stored_failed(tmp_path
 
 
 @pytest.mark.e2e
+def test_a_bundle_that_raised_counts_its_stored_members_as_stored():
+    # On Ray: the bundle raised after one member was stored (it diverged early); the progress
+    # counts that member by its stored status and only the others as failed.
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    members = trials_of(grid("adamw", [1e-3, 2e-3]))
+    bundle = SimpleNamespace(name="bundle-0", error_file=None, last_result={})
+    with SweepProgress("b", len(members), 0, Console(quiet=True)) as progress:
+        callback = progress.tune_callback(
+            {"bundle-0": members}, lambda t: t.name, lambda: {members[0].trial_id: "diverged"}
+        )
+        callback.on_trial_error(0, [], bundle)
+    assert progress.counts == {"diverged": 1, "failed": len(members) - 1}
+
+
 def test_a_bundled_store_and_an_unbundled_one_are_interchangeable(tmp_path, sweep_cli):
     import pandas as pd
 
