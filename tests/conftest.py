@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,18 @@ def _sweep(*args: str, cwd: Path | None = None, timeout: float = 600, **env: str
 def sweep_cli():
     """Run the real `sweep` console script: sweep_cli("run", "grid.yaml") -> CompletedProcess."""
     return _sweep
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None, None, None]:
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the default in pyproject.toml), the
+    end-to-end and Ray tests run one after another on one worker, as they would alone: they
+    start Ray instances and `sweep` processes, pin CPUs and wait on them; the unit tests share
+    the other worker (and this one, when it is free)."""
+    for item in items:
+        if item.get_closest_marker("ray") or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("end-to-end"))
+    # A wrapper: the marks are in place before any plugin's hook (xdist's) reads them.
+    return (yield)
