@@ -100,10 +100,15 @@ def test_default_output_folder_and_rerun(tmp_path):
 
 def test_one_width_says_the_fit_is_impossible(tmp_path):
     cfg = dataclasses.replace(BASE, name="onewidth", widths=(128,), coord_check=0)
-    report = write_report(write_synthetic_store(tmp_path, cfg))
+    store = write_synthetic_store(tmp_path, cfg)
+    report = write_report(store)
     html = report.read_text()
     fits = no_nan((report.parent / "fits.json").read_text())
-    assert "Transfer fit impossible: only one width (128)" in html
+    console = Console(record=True, width=200)
+    print_summary(store, console=console)
+    for text in (html, console.export_text()):
+        assert "Transfer fit impossible: only one width (128)" in text
+        assert "Transfer across width" not in text  # said once, not in a row per family
     assert all(f["status"] == "impossible" for f in fits["width_transfer"])
     assert fits["figures"]["lr_star_vs_width"] is None
     assert fits["figures"]["loss_vs_lr"] == "loss_vs_lr.png"
