@@ -96,8 +96,12 @@ def test_wandb_offline_runs_hold_config_and_history(tracked):
         for data in _wandb_records(path.read_bytes()):
             record = wandb_internal_pb2.Record.FromString(data)
             kind = record.WhichOneof("record_type")
+            # The config comes with the run record, or after it in config records (W&B sends
+            # what it has at init with the run, and later updates on their own).
             if kind == "run":
                 config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+            elif kind == "config":
+                config.update({i.key: json.loads(i.value_json) for i in record.config.update})
             elif kind == "history":
                 history.append({i.key or "/".join(i.nested_key) for i in record.history.item})
         assert config["optimizer"] == "adamw" and config["width"] == 32
