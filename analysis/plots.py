@@ -21,7 +21,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, MultipleLocator
 from .coord import coord_at_one_lr
 from .load import CONFIG_COLUMNS, format_value
 from .pipeline import Analysis
-from .transfer import TransferFit, headline
+from .transfer import TransferFit, headline, spans_sizes
 
 FIGURE_NEEDS = {
     "loss_vs_lr": "at least one cell with a finite loss at two or more lrs",
@@ -260,7 +260,7 @@ def plot_loss_vs_lr(an: Analysis) -> Figure | None:
 
 def plot_lr_star_vs_width(an: Analysis) -> Figure | None:
     fams = headline(an.width_transfer)
-    if not fams or all(len(f.sizes) < 2 for f in fams.values()) or an.fixed_lr:
+    if not spans_sizes(fams.values()) or an.fixed_lr:
         return None
     fig, axes = _panels(len(fams))
     for ax, fit in zip(axes, fams.values(), strict=True):

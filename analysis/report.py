@@ -32,7 +32,7 @@ from .norm_transfer import summary_sentences as norm_sentences
 from .optimum import NEAR_OPTIMAL, WINDOW
 from .pipeline import Analysis, analyze
 from .plots import FIGURE_NEEDS, FIGURE_TITLES, PLOTS, figure_png
-from .transfer import TransferFit, headline
+from .transfer import TransferFit, headline, spans_sizes
 from .verdict import VERDICTS
 
 FITS_VERSION = 2
@@ -482,12 +482,6 @@ def _short_reason(f: TransferFit) -> str:
     return "fit impossible: optimum on the grid edge / diverged"
 
 
-def _spans_sizes(fits: list[TransferFit]) -> bool:
-    """Whether a transfer table has anything to show: a family with two sizes or more (with one
-    width in the whole store, a conclusion says so once instead of a row per family)."""
-    return any(len(f.sizes) >= 2 for f in fits)
-
-
 def transfer_rows(
     fits: list[TransferFit], short: bool = False
 ) -> tuple[list[str], list[list[str]], list[bool]]:
@@ -604,7 +598,7 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
     headers, rows, bad = optima_rows(an)
     parts.append(_table(headers, rows, bad=bad))
     for title, fits in (("across width", an.width_transfer), ("across depth", an.depth_transfer)):
-        if not _spans_sizes(fits):
+        if not spans_sizes(fits):
             continue
         h, rows, bad = transfer_rows(fits)
         parts.append(f"<h2>Transfer {title}</h2>")
@@ -824,7 +818,7 @@ def print_summary(
         keep=["cell", "seeds", "diverged", "log2 lr*", "95 % CI", "loss*", "status"],
     )
     for fits in (an.width_transfer, an.depth_transfer):
-        if _spans_sizes(fits):
+        if spans_sizes(fits):
             headers, rows, bad = transfer_rows(fits, short=True)
             _print_table(
                 console,

@@ -13,6 +13,7 @@ the grid's edge or bounded by divergence is a bound, not a measurement.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -307,6 +308,12 @@ def _wider_is_better(fit: TransferFit, fam: pd.DataFrame, optima: Optima) -> Non
     fit.wider_log2_lr = chosen
     fit.wider_losses = losses
     fit.wider_is_better = bool(np.all(np.diff(losses) < 0))
+
+
+def spans_sizes(fits: Iterable[TransferFit]) -> bool:
+    """Whether any family has two sizes or more: otherwise there is no transfer to show (a
+    store with one width says so once, in its conclusions)."""
+    return any(len(f.sizes) >= 2 for f in fits)
 
 
 def headline(fits: list[TransferFit]) -> dict[str, TransferFit]:
