@@ -3,6 +3,15 @@
 Only when the grid varies a multiplier. Per family of cells equal in everything but the
 multipliers, each multiplier combination's best loss (over lr) is compared with the all-ones
 combination: relative = L*(combo) / L*(ones) - 1 (negative = better than ones).
+
+Uncertainty. The cells of a family share their seeds, and a seed fixes initialisation and
+batch order whatever the multipliers, so the seeds' shared offsets cancel in the comparison:
+what is left is the same seed-by-setting noise that moves a cell's optimum, and the cells'
+bootstrap draws (optimum.find_optima) carry it. Each draw's relative loss is taken draw by
+draw, and its 2.5 / 97.5 % quantiles are the interval (calibrated on planted stores in
+tests/test_layer_lr.py). A combination is `better` or `worse` than all ones when the whole
+interval is below or above 0, `indistinguishable` otherwise; with one seed there is no interval
+and no verdict.
 """
 
 from __future__ import annotations
@@ -13,10 +22,21 @@ import numpy as np
 import pandas as pd
 
 from .load import CONFIG_COLUMNS, MULTIPLIER_COLUMNS
+from .optimum import Optima
+
+GROUP_NAMES = {
+    "lr_input": "input",
+    "lr_hidden": "hidden",
+    "lr_output": "output",
+    "lr_vector": "vector",
+}
+# An interval needs at least this share of draws with a minimum in both cells.
+MIN_FINITE_DRAWS = 0.9
 
 
-def fit_layer_lr(table: pd.DataFrame) -> list[dict[str, Any]]:
+def fit_layer_lr(optima: Optima) -> list[dict[str, Any]]:
     """One record per family whose cells differ in a multiplier."""
+    table = optima.table
     if table.empty or all(table[c].nunique() < 2 for c in MULTIPLIER_COLUMNS):
         return []
     keys = [c for c in CONFIG_COLUMNS if c not in MULTIPLIER_COLUMNS]
@@ -28,28 +48,128 @@ def fit_layer_lr(table: pd.DataFrame) -> list[dict[str, Any]]:
         if fam.empty:
             continue
         ones = fam[(fam[list(MULTIPLIER_COLUMNS)] == 1.0).all(axis=1)]
-        ref = float(ones["loss_star"].iloc[0]) if len(ones) else None
-        combos = []
-        for _, row in fam.sort_values("loss_star").iterrows():
-            combos.append(
-                {
-                    **{c: float(row[c]) for c in MULTIPLIER_COLUMNS},
-                    "loss_star": float(row["loss_star"]),
-                    "log2_lr_star": float(row["log2_lr_star"]),
-                    "edge": bool(row["edge"]),
-                    "relative": (float(row["loss_star"]) / ref - 1) if ref else None,
-                }
-            )
+        ref = ones.iloc[0] if len(ones) else None
+        combos = [_combo(row, ref, optima) for _, row in fam.sort_values("loss_star").iterrows()]
         first = fam.iloc[0]
+        best = combos[0]
         out.append(
             {
                 "optimizer": str(first["optimizer"]),
                 "width": int(first["width"]),
                 "depth": int(first["depth"]),
                 "batch_size": int(first["batch_size"]),
-                "best": combos[0],
-                "ones_loss": ref,
+                "best": best,
+                "best_at_grid_end": _grid_ends(best, fam),
+                "ones_loss": None if ref is None else float(ref["loss_star"]),
                 "combos": combos,
             }
+        )
+    return out
+
+
+def _combo(row: pd.Series, ref: pd.Series | None, optima: Optima) -> dict[str, Any]:
+    relative, ci = None, None
+    if ref is not None:
+        relative = float(row["loss_star"]) / float(ref["loss_star"]) - 1
+        ci = _relative_ci(optima, int(row["cell"]), int(ref["cell"]))
+    if ci is None:
+        verdict = "no interval" if ref is not None else "no all-ones reference"
+    elif int(row["cell"]) == int(ref["cell"]):
+        verdict = "reference"
+    elif ci[1] < 0:
+        verdict = "better"
+    elif ci[0] > 0:
+        verdict = "worse"
+    else:
+        verdict = "indistinguishable"
+    return {
+        **{c: float(row[c]) for c in MULTIPLIER_COLUMNS},
+        "loss_star": float(row["loss_star"]),
+        "log2_lr_star": float(row["log2_lr_star"]),
+        "lr_status": str(row["status"]),
+        "edge": bool(row["edge"]),
+        "relative": relative,
+        "relative_ci": ci,
+        "verdict": verdict,
+    }
+
+
+def _relative_ci(optima: Optima, cell: int, ref: int) -> list[float] | None:
+    """95 % interval of L*(cell) / L*(ref) - 1 from the two cells' bootstrap draws."""
+    a, b = optima.draws.get(cell), optima.draws.get(ref)
+    if a is None or b is None:
+        return None
+    rel = a.c / b.c - 1
+    finite = np.isfinite(rel)
+    if finite.mean() < MIN_FINITE_DRAWS:
+        return None
+    if cell == ref:
+        return [0.0, 0.0]
+    q = np.quantile(rel[finite], [0.025, 0.975])
+    return [float(q[0]), float(q[1])]
+
+
+def _grid_ends(best: dict[str, Any], fam: pd.DataFrame) -> list[str]:
+    """The groups whose best multiplier is the lowest or highest the family tried: a more
+    extreme ratio there was not measured, so the best combination may lie beyond the grid."""
+    ends = []
+    for col, name in GROUP_NAMES.items():
+        tried = np.unique(fam[col].to_numpy(float))
+        if len(tried) < 2:
+            continue
+        if best[col] == tried[0]:
+            ends.append(f"{name} (lowest tried)")
+        elif best[col] == tried[-1]:
+            ends.append(f"{name} (highest tried)")
+    return ends
+
+
+def _ratio(c: dict[str, Any]) -> str:
+    return ":".join(f"{c[col]:g}" for col in MULTIPLIER_COLUMNS)
+
+
+def _pct_ci(ci: list[float] | None) -> str:
+    return "none" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] %"
+
+
+def layer_lr_sentences(rec: dict[str, Any]) -> list[str]:
+    """The family's best combination against all ones, with its interval and verdict, the
+    tally of the others, and whether the best sits at the end of the multipliers' grid."""
+    b = rec["best"]
+    where = f"{rec['optimizer']} width {rec['width']} depth {rec['depth']} B {rec['batch_size']}"
+    if b["relative"] is None:
+        return [
+            f"{where}: best lr multipliers input:hidden:output:vector = {_ratio(b)}; no all-ones"
+            " combination in the grid to compare with."
+        ]
+    if b["verdict"] == "reference":
+        head = f"{where}: no lr multipliers beat all ones (all ones has the lowest loss)."
+    else:
+        head = (
+            f"{where}: best lr multipliers input:hidden:output:vector = {_ratio(b)},"
+            f" loss {b['loss_star']:.4f} against {rec['ones_loss']:.4f} with all ones:"
+            f" {100 * b['relative']:+.2f} % (95 % CI {_pct_ci(b['relative_ci'])}), {b['verdict']}."
+        )
+    others = [c for c in rec["combos"] if c["verdict"] != "reference"]
+    tally = {
+        v: sum(c["verdict"] == v for c in others)
+        for v in ("better", "indistinguishable", "worse", "no interval")
+    }
+    head += (
+        f" Of {len(others)} combinations other than all ones: "
+        + ", ".join(f"{n} {v}" for v, n in tally.items() if n)
+        + " (95 % intervals of the relative loss)."
+    )
+    out = [head]
+    if b["lr_status"] != "ok":
+        out.append(
+            f"{where}: the best combination's lr optimum is {b['lr_status'].replace('_', '-')}:"
+            " its loss is an upper bound, widen its lr grid."
+        )
+    if rec["best_at_grid_end"] and b["verdict"] != "reference":
+        out.append(
+            f"{where}: the best combination is at the end of the multipliers' range for "
+            + ", ".join(rec["best_at_grid_end"])
+            + ": a more extreme ratio was not tried, so the best may lie beyond the grid."
         )
     return out

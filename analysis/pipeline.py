@@ -82,7 +82,7 @@ def analyze(
     htable = horizon_table(results, chosen)
     norm = fit_norm_transfer(htable, n_bootstrap=n_bootstrap, seed=seed, tolerance=tolerance)
     scaling = fit_scaling(optima_at_horizons(htable), optima.table)
-    layer = fit_layer_lr(optima.table)
+    layer = fit_layer_lr(optima)
     timings["horizons_norm_scaling_s"] = time.perf_counter() - t2
     return Analysis(
         results=results,

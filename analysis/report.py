@@ -26,6 +26,7 @@ from rich.table import Table
 from sweeper.store import STATUSES, status_words
 
 from .coord import coord_sentences
+from .layer_lr import layer_lr_sentences
 from .load import METRIC_DESCRIPTIONS
 from .norm_transfer import MIN_NORM_SPAN
 from .norm_transfer import summary_sentences as norm_sentences
@@ -336,6 +337,7 @@ def conclusions(an: Analysis) -> list[str]:
             out.append(transfer_sentence(f))
     if an.norm is not None:
         out.extend(norm_sentences(an.norm))
+    no_law: dict[str, int] = {}
     for law in an.scaling.lr_law:
         # A law through as many points as it has terms fits anything: not a finding.
         if law["status"] == "ok" and law.get("dof", 0) > 0:
@@ -354,10 +356,15 @@ def conclusions(an: Analysis) -> list[str]:
         elif law["status"] == "exactly-determined" and (
             len(law["batch_sizes"]) > 1 or law["width"] == _widest(an, law["optimizer"])
         ):
-            out.append(
+            sentence = (
                 f"{law['optimizer']} width {law['width']} depth {law['depth']}: no lr scaling"
-                f" law: {law['reason']}."
+                f" law: {law['reason']}"
             )
+            no_law[sentence] = no_law.get(sentence, 0) + 1
+    # Families that differ only in what the law's label leaves out (lr multipliers, other
+    # hyperparameters) would repeat one sentence: said once, with their number.
+    for sentence, n in no_law.items():
+        out.append(sentence + (f" (the same for {n} families)." if n > 1 else "."))
     n_decayed = sum(law.get("n_decayed", 0) for law in an.scaling.lr_law)
     if n_decayed:
         out.append(
@@ -379,14 +386,7 @@ def conclusions(an: Analysis) -> list[str]:
                 f" law: {law['reason']}."
             )
     for rec in an.layer_lr:
-        b = rec["best"]
-        if b["relative"] is not None:
-            out.append(
-                f"{rec['optimizer']} width {rec['width']}: best lr multipliers"
-                f" input:hidden:output:vector = {b['lr_input']:g}:{b['lr_hidden']:g}:"
-                f"{b['lr_output']:g}:{b['lr_vector']:g},"
-                f" {-100 * b['relative']:.2f} % lower loss than all ones."
-            )
+        out.extend(layer_lr_sentences(rec))
     out.extend(coord_sentences(an.coord))
     return out
 
@@ -689,23 +689,34 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
         parts.append(_table(["configuration", "e", "log2 k", "horizons"], rows))
     if an.layer_lr:
         parts.append("<h2>Per-layer-group lr multipliers</h2>")
+        parts.append(
+            "<p class='note'>Each combination's best loss over the base lr, against the"
+            " all-ones combination's (negative: better), with a 95 % interval from the cells'"
+            " seed-noise bootstrap; better / worse when the whole interval is below / above"
+            " 0. Only ratios between groups matter once the base lr is swept.</p>"
+        )
+    for r in an.layer_lr:
+        parts.append(
+            f"<h3>{html.escape(r['optimizer'])} width={r['width']} depth={r['depth']}"
+            f" B={r['batch_size']}</h3>"
+        )
+        parts.append("".join(f"<p>{html.escape(t)}</p>" for t in layer_lr_sentences(r)))
         rows = [
             [
-                f"{r['optimizer']} width={r['width']} depth={r['depth']} B={r['batch_size']}",
-                f"{r['best']['lr_input']:g}:{r['best']['lr_hidden']:g}:{r['best']['lr_output']:g}:{r['best']['lr_vector']:g}",
-                _num(r["best"]["loss_star"], "{:.4f}"),
-                _num(r["ones_loss"], "{:.4f}"),
-                _num(
-                    None if r["best"]["relative"] is None else 100 * r["best"]["relative"],
-                    "{:+.2f} %",
-                ),
+                f"{c['lr_input']:g}:{c['lr_hidden']:g}:{c['lr_output']:g}:{c['lr_vector']:g}",
+                _num(c["log2_lr_star"], "{:.2f}")
+                + ("" if c["lr_status"] == "ok" else f" ({c['lr_status']})"),
+                _num(c["loss_star"], "{:.4f}"),
+                _num(None if c["relative"] is None else 100 * c["relative"], "{:+.2f} %"),
+                "-"
+                if c["relative_ci"] is None
+                else f"[{100 * c['relative_ci'][0]:+.2f}, {100 * c['relative_ci'][1]:+.2f}] %",
+                c["verdict"],
             ]
-            for r in an.layer_lr
+            for c in r["combos"]
         ]
         parts.append(
-            _table(
-                ["configuration", "best in:hid:out:vec", "loss*", "loss* (all 1)", "vs all 1"], rows
-            )
+            _table(["in:hid:out:vec", "log2 lr*", "loss*", "vs all 1", "95 % CI", "verdict"], rows)
         )
     parts.append("<p class='note'>Every number above is in fits.json next to this file.</p>")
     parts.append("</body></html>")

@@ -122,8 +122,7 @@ def test_layer_multipliers(tmp_path):
         best_lr_hidden=0.5,
         batch_law=None,
     )
-    table = find_optima(load_results(write_synthetic_store(tmp_path, cfg))).table
-    (record,) = fit_layer_lr(table)
+    (record,) = fit_layer_lr(find_optima(load_results(write_synthetic_store(tmp_path, cfg))))
     assert record["best"]["lr_hidden"] == 0.5
     assert record["best"]["relative"] < 0  # better than all ones
     assert [c["lr_hidden"] for c in record["combos"]][-1] == 0.125  # the worst, 2 octaves off
