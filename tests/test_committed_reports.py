@@ -17,7 +17,7 @@ import pytest
 
 from analysis.pipeline import analyze
 from analysis.report import build_fits
-from sweeper.spec import load_spec
+from sweeper.spec import TrialSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "results" / "reference"
@@ -100,15 +100,33 @@ def test_committed_store_is_its_experiment_files_finished_run(study):
 
     spec = load_spec(experiment_file(study))
     assert spec.name == study
-    trials = pd.read_parquet(REFERENCE / study / "trials", columns=["trial_id", "data_fingerprint"])
+    trials = pd.read_parquet(
+        REFERENCE / study / "trials", columns=["trial_id", "data_fingerprint", "spec"]
+    )
     if set(trials.data_fingerprint) != {fingerprint(spec.data)}:
         pytest.skip(
             "this machine's Python standard library differs from the one the committed "
             "study was trained on, so its trial ids differ"
         )
     p = plan(spec, str(REFERENCE))
-    assert set(trials.trial_id) <= {t.trial_id for t in p.trials}  # the grid's own trials
+    grid = {t.trial_id for t in p.trials}
+    # The grid's own trials, and those a search ran past an lr range's end, following an
+    # optimum there: each of a grid cell (equal in all but lr and seed), beyond its lrs.
+    ranges: dict[str, list[float]] = {}
+    for t in p.trials:
+        ranges.setdefault(_cell_id(t), []).append(t.lr)
+    for trial_id, text in zip(trials.trial_id, trials.spec, strict=True):
+        if trial_id in grid:
+            continue
+        t = TrialSpec.model_validate_json(text)
+        lrs = ranges.get(_cell_id(t))
+        assert lrs is not None, f"{study}: stored trial {trial_id} is of no cell of the grid"
+        assert not min(lrs) <= t.lr <= max(lrs), f"{study}: {trial_id} is inside the lr range"
     assert not p.todo  # and nothing is left to run or to search
+
+
+def _cell_id(trial: TrialSpec) -> str:
+    return trial.model_copy(update={"lr": 1.0, "seed": 0}).trial_id
 
 
 @pytest.mark.parametrize("study", STUDIES)
