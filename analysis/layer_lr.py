@@ -4,14 +4,9 @@ Only when the grid varies a multiplier. Per family of cells equal in everything 
 multipliers, each multiplier combination's best loss (over lr) is compared with the all-ones
 combination: relative = L*(combo) / L*(ones) - 1 (negative = better than ones).
 
-Uncertainty. The cells of a family share their seeds, and a seed fixes initialisation and
-batch order whatever the multipliers, so the seeds' shared offsets cancel in the comparison:
-what is left is the same seed-by-setting noise that moves a cell's optimum, and the cells'
-bootstrap draws (optimum.find_optima) carry it. Each draw's relative loss is taken draw by
-draw, and its 2.5 / 97.5 % quantiles are the interval (calibrated on planted stores in
-tests/test_layer_lr.py). A combination is `better` or `worse` than all ones when the whole
-interval is below or above 0, `indistinguishable` otherwise; with one seed there is no interval
-and no verdict.
+Each comparison has a 95 % interval and a verdict (better, worse, indistinguishable: see
+loss_compare.py), and the best combination is flagged when it sits at the end of a group's
+multiplier range, where a more extreme ratio was not tried.
 """
 
 from __future__ import annotations
@@ -22,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .load import CONFIG_COLUMNS, MULTIPLIER_COLUMNS
+from .loss_compare import compare, pct_ci
 from .optimum import Optima
 
 GROUP_NAMES = {
@@ -30,8 +26,6 @@ GROUP_NAMES = {
     "lr_output": "output",
     "lr_vector": "vector",
 }
-# An interval needs at least this share of draws with a minimum in both cells.
-MIN_FINITE_DRAWS = 0.9
 
 
 def fit_layer_lr(optima: Optima) -> list[dict[str, Any]]:
@@ -68,45 +62,18 @@ def fit_layer_lr(optima: Optima) -> list[dict[str, Any]]:
 
 
 def _combo(row: pd.Series, ref: pd.Series | None, optima: Optima) -> dict[str, Any]:
-    relative, ci = None, None
-    if ref is not None:
-        relative = float(row["loss_star"]) / float(ref["loss_star"]) - 1
-        ci = _relative_ci(optima, int(row["cell"]), int(ref["cell"]))
-    if ci is None:
-        verdict = "no interval" if ref is not None else "no all-ones reference"
-    elif int(row["cell"]) == int(ref["cell"]):
-        verdict = "reference"
-    elif ci[1] < 0:
-        verdict = "better"
-    elif ci[0] > 0:
-        verdict = "worse"
+    if ref is None:
+        vs = {"relative": None, "relative_ci": None, "verdict": "no all-ones reference"}
     else:
-        verdict = "indistinguishable"
+        vs = compare(optima, int(row["cell"]), int(ref["cell"]))
     return {
         **{c: float(row[c]) for c in MULTIPLIER_COLUMNS},
         "loss_star": float(row["loss_star"]),
         "log2_lr_star": float(row["log2_lr_star"]),
         "lr_status": str(row["status"]),
         "edge": bool(row["edge"]),
-        "relative": relative,
-        "relative_ci": ci,
-        "verdict": verdict,
+        **vs,
     }
-
-
-def _relative_ci(optima: Optima, cell: int, ref: int) -> list[float] | None:
-    """95 % interval of L*(cell) / L*(ref) - 1 from the two cells' bootstrap draws."""
-    a, b = optima.draws.get(cell), optima.draws.get(ref)
-    if a is None or b is None:
-        return None
-    rel = a.c / b.c - 1
-    finite = np.isfinite(rel)
-    if finite.mean() < MIN_FINITE_DRAWS:
-        return None
-    if cell == ref:
-        return [0.0, 0.0]
-    q = np.quantile(rel[finite], [0.025, 0.975])
-    return [float(q[0]), float(q[1])]
 
 
 def _grid_ends(best: dict[str, Any], fam: pd.DataFrame) -> list[str]:
@@ -128,10 +95,6 @@ def _ratio(c: dict[str, Any]) -> str:
     return ":".join(f"{c[col]:g}" for col in MULTIPLIER_COLUMNS)
 
 
-def _pct_ci(ci: list[float] | None) -> str:
-    return "none" if ci is None else f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] %"
-
-
 def layer_lr_sentences(rec: dict[str, Any]) -> list[str]:
     """The family's best combination against all ones, with its interval and verdict, the
     tally of the others, and whether the best sits at the end of the multipliers' grid."""
@@ -148,12 +111,12 @@ def layer_lr_sentences(rec: dict[str, Any]) -> list[str]:
         head = (
             f"{where}: best lr multipliers input:hidden:output:vector = {_ratio(b)},"
             f" loss {b['loss_star']:.4f} against {rec['ones_loss']:.4f} with all ones:"
-            f" {100 * b['relative']:+.2f} % (95 % CI {_pct_ci(b['relative_ci'])}), {b['verdict']}."
+            f" {100 * b['relative']:+.2f} % ({pct_ci(b['relative_ci'])}), {b['verdict']}."
         )
     others = [c for c in rec["combos"] if c["verdict"] != "reference"]
     tally = {
         v: sum(c["verdict"] == v for c in others)
-        for v in ("better", "indistinguishable", "worse", "no interval")
+        for v in ("better", "indistinguishable", "worse", "no interval", "not located")
     }
     head += (
         f" Of {len(others)} combinations other than all ones: "

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .batch_size import fit_batch_sizes
 from .coord import coord_growth
 from .errors import AnalysisError
 from .horizons import default_horizons, horizon_table
@@ -32,6 +33,7 @@ class Analysis:
     norm: NormTransfer | None
     scaling: ScalingFits
     layer_lr: list[dict]
+    batch_sizes: list[dict]  # analysis.batch_size's records: loss across batch sizes
     coord: list[dict]  # analysis.coord's growth records, one per optimizer and layer
     predict_width: int | None
     n_bootstrap: int
@@ -94,6 +96,7 @@ def analyze(
         norm=norm,
         scaling=scaling,
         layer_lr=layer,
+        batch_sizes=fit_batch_sizes(optima),
         coord=coord_growth(results),
         predict_width=predict_width,
         n_bootstrap=n_bootstrap,

@@ -25,9 +25,11 @@ from rich.table import Table
 
 from sweeper.store import STATUSES, status_words
 
+from .batch_size import batch_size_sentences
 from .coord import coord_sentences
 from .layer_lr import layer_lr_sentences
 from .load import METRIC_DESCRIPTIONS
+from .loss_compare import pct_ci
 from .norm_transfer import MIN_NORM_SPAN
 from .norm_transfer import summary_sentences as norm_sentences
 from .optimum import NEAR_OPTIMAL, WINDOW
@@ -152,6 +154,7 @@ def build_fits(an: Analysis, figures: dict[str, str | None] | None = None) -> di
             "optima": an.scaling.optima,
         },
         "layer_lr": an.layer_lr,
+        "batch_size": an.batch_sizes,
         "coord_check": an.coord,
         "figures": figures or {},
         "notes": res.notes,
@@ -337,7 +340,7 @@ def conclusions(an: Analysis) -> list[str]:
             out.append(transfer_sentence(f))
     if an.norm is not None:
         out.extend(norm_sentences(an.norm))
-    no_law: dict[str, int] = {}
+    no_law: dict[tuple[str, str, str], list[str]] = {}
     for law in an.scaling.lr_law:
         # A law through as many points as it has terms fits anything: not a finding.
         if law["status"] == "ok" and law.get("dof", 0) > 0:
@@ -349,22 +352,22 @@ def conclusions(an: Analysis) -> list[str]:
                 parts.append(f"{terms['b']['value']:+.2f} {_fmt_ci(terms['b']['ci'])} log2 D")
             if len(parts) and ("a" in terms or law["width"] == _widest(an, law["optimizer"])):
                 out.append(
-                    f"{law['optimizer']} width {law['width']} depth {law['depth']}: log2 lr* = "
+                    f"{law['label']} width {law['width']} depth {law['depth']}: log2 lr* = "
                     + " ".join(parts)
                     + f" {terms['c']['value']:+.2f}."
                 )
         elif law["status"] == "exactly-determined" and (
             len(law["batch_sizes"]) > 1 or law["width"] == _widest(an, law["optimizer"])
         ):
-            sentence = (
-                f"{law['optimizer']} width {law['width']} depth {law['depth']}: no lr scaling"
-                f" law: {law['reason']}"
-            )
-            no_law[sentence] = no_law.get(sentence, 0) + 1
-    # Families that differ only in what the law's label leaves out (lr multipliers, other
-    # hyperparameters) would repeat one sentence: said once, with their number.
-    for sentence, n in no_law.items():
-        out.append(sentence + (f" (the same for {n} families)." if n > 1 else "."))
+            where = f"width {law['width']} depth {law['depth']}: no lr scaling law"
+            no_law.setdefault((law["optimizer"], where, law["reason"]), []).append(law["label"])
+    # Families that differ only in lr multipliers or hyperparameters would repeat one sentence:
+    # said once, with their number.
+    for (optimizer, where, reason), labels in no_law.items():
+        if len(labels) == 1:
+            out.append(f"{labels[0]} {where}: {reason}.")
+        else:
+            out.append(f"{optimizer} {where}: {reason} (the same for {len(labels)} families).")
     n_decayed = sum(law.get("n_decayed", 0) for law in an.scaling.lr_law)
     if n_decayed:
         out.append(
@@ -376,17 +379,19 @@ def conclusions(an: Analysis) -> list[str]:
         if law["status"] == "ok":
             t = law["terms"]
             out.append(
-                f"{law['optimizer']} width {law['width']} depth {law['depth']}: optimal batch"
+                f"{law['label']} width {law['width']} depth {law['depth']}: optimal batch"
                 f" B*(D) = 2^{t['log2_k']['value']:.2f} D^{t['e']['value']:.2f}"
                 f" (exponent CI {_fmt_ci(t['e']['ci'])})."
             )
         elif law["status"] == "exactly-determined":
             out.append(
-                f"{law['optimizer']} width {law['width']} depth {law['depth']}: no batch-size"
+                f"{law['label']} width {law['width']} depth {law['depth']}: no batch-size"
                 f" law: {law['reason']}."
             )
     for rec in an.layer_lr:
         out.extend(layer_lr_sentences(rec))
+    for rec in an.batch_sizes:
+        out.extend(batch_size_sentences(rec))
     out.extend(coord_sentences(an.coord))
     return out
 
@@ -662,7 +667,7 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
             t = law["terms"]
             rows.append(
                 [
-                    f"{law['optimizer']} width={law['width']} depth={law['depth']}",
+                    f"{law['label']} width={law['width']} depth={law['depth']}",
                     _num(t.get("a", {}).get("value"), "{:+.3f}")
                     + " "
                     + (_fmt_ci(t["a"]["ci"]) if "a" in t else ""),
@@ -679,7 +684,7 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
         parts.append("<h2>Optimal batch size B*(D) = k D^e</h2>")
         rows = [
             [
-                f"{law['optimizer']} width={law['width']} depth={law['depth']}",
+                f"{law['label']} width={law['width']} depth={law['depth']}",
                 f"{law['terms']['e']['value']:.3f} {_fmt_ci(law['terms']['e']['ci'], '{:.3f}')}",
                 f"{law['terms']['log2_k']['value']:.2f}",
                 str(law["n"]),
@@ -708,15 +713,56 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
                 + ("" if c["lr_status"] == "ok" else f" ({c['lr_status']})"),
                 _num(c["loss_star"], "{:.4f}"),
                 _num(None if c["relative"] is None else 100 * c["relative"], "{:+.2f} %"),
-                "-"
-                if c["relative_ci"] is None
-                else f"[{100 * c['relative_ci'][0]:+.2f}, {100 * c['relative_ci'][1]:+.2f}] %",
+                pct_ci(c["relative_ci"], prefix=""),
                 c["verdict"],
             ]
             for c in r["combos"]
         ]
         parts.append(
             _table(["in:hid:out:vec", "log2 lr*", "loss*", "vs all 1", "95 % CI", "verdict"], rows)
+        )
+    if an.batch_sizes:
+        parts.append("<h2>Best loss across batch sizes at a fixed token budget</h2>")
+        parts.append(
+            "<p class='note'>Each batch size's best loss over lr; the rise is the largest batch's"
+            " against the smallest's, with a 95 % interval from the cells' seed-noise"
+            " bootstrap.</p>"
+        )
+    for rec in an.batch_sizes:
+        sizes = sorted({b for f in rec["families"] for b in f["batch_sizes"]})
+        parts.append(
+            f"<h3>width={rec['width']} depth={rec['depth']}, {rec['tokens']:,} tokens</h3>"
+        )
+        parts.append("".join(f"<p>{html.escape(t)}</p>" for t in batch_size_sentences(rec)))
+        rows = []
+        for f in rec["families"]:
+            at = dict(zip(f["batch_sizes"], zip(f["loss_star"], f["lr_status"], strict=True),
+                          strict=True))  # fmt: skip
+            rows.append(
+                [f["label"]]
+                + [
+                    "-" if b not in at else f"{at[b][0]:.4f}" + ("" if at[b][1] == "ok" else " *")
+                    for b in sizes
+                ]
+                + [
+                    f"{100 * f['rise']:+.2f} % ({pct_ci(f['rise_ci'])})",
+                    f["rise_verdict"],
+                ]
+            )
+        parts.append(
+            _table(
+                [
+                    "family",
+                    *[f"loss* B={b}" for b in sizes],
+                    "rise (largest vs smallest)",
+                    "verdict",
+                ],
+                rows,
+            )
+        )
+        parts.append(
+            "<p class='note'>* lr optimum on the lr grid's edge or bounded by divergence: the"
+            " loss is an upper bound.</p>"
         )
     parts.append("<p class='note'>Every number above is in fits.json next to this file.</p>")
     parts.append("</body></html>")

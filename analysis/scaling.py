@@ -22,6 +22,7 @@ reported as `exactly-determined`, with no terms, never as an exponent.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .fitting import OLSFit, ols
+from .load import format_value
 from .norm_transfer import NORM_GROUP
 from .optimum import WINDOW, locate_optimum
 
@@ -224,9 +226,41 @@ def _design(columns: dict[str, np.ndarray], n: int) -> np.ndarray:
 # --------------------------------------------------------------------------- laws
 
 
-def _group_dict(key: tuple) -> dict[str, Any]:
+def _group_dict(key: tuple, labels: dict[tuple, str]) -> dict[str, Any]:
     cfg = dict(zip(SCALING_GROUP, key, strict=True))
-    return {"optimizer": cfg["optimizer"], "width": int(cfg["width"]), "depth": int(cfg["depth"])}
+    return {
+        "optimizer": cfg["optimizer"],
+        "width": int(cfg["width"]),
+        "depth": int(cfg["depth"]),
+        "label": labels.get(tuple(map(str, key)), str(cfg["optimizer"])),
+    }
+
+
+def _group_labels(optima: pd.DataFrame) -> dict[tuple, str]:
+    """Per group, the optimizer and what tells the group apart from the others of its
+    optimizer, width and depth (lr multipliers, hyperparameters such as Muon's adam_lr)."""
+    keys = optima[list(SCALING_GROUP)].drop_duplicates()
+    same_as = ["optimizer", "width", "depth"]
+    labels = {}
+    for _, same in keys.groupby(same_as, dropna=False, sort=False):
+        varying = [
+            c
+            for c in SCALING_GROUP
+            if c not in same_as and same[c].astype(str).nunique(dropna=False) > 1
+        ]
+        params = [json.loads(h or "{}") for h in same["hparams"]] if "hparams" in varying else []
+        hp_keys = sorted(
+            k
+            for k in {k for d in params for k in d}
+            if len({json.dumps(d.get(k)) for d in params}) > 1
+        )
+        for i, row in enumerate(same.itertuples(index=False)):
+            cfg = dict(zip(SCALING_GROUP, row, strict=True))
+            parts = [str(cfg["optimizer"])]
+            parts += [format_value(c, cfg[c]) for c in varying if c != "hparams"]
+            parts += [f"{k}={params[i].get(k)}" for k in hp_keys]
+            labels[tuple(map(str, row))] = " ".join(parts)  # str: a NaN key equals itself
+    return labels
 
 
 def fit_lr_law(
@@ -238,12 +272,17 @@ def fit_lr_law(
         return out
     rng = np.random.default_rng(seed)
     resamples = _resamples(optima)
+    labels = _group_labels(optima)
     for key, part in optima.groupby(list(SCALING_GROUP), dropna=False, sort=True):
         read = part[part["status"] != "decayed"]
         if read["batch_size"].nunique() < 2 and read["horizon"].nunique() < 2:
             continue  # nothing to scale along: not worth a line in the report
         ok = part[part["status"] == "ok"]
-        record: dict[str, Any] = {**_group_dict(key), "n": len(ok), "status": "impossible"}
+        record: dict[str, Any] = {
+            **_group_dict(key, labels),
+            "n": len(ok),
+            "status": "impossible",
+        }
         record["n_decayed"] = int((part["status"] == "decayed").sum())
         regressors = {}
         if ok["batch_size"].nunique() >= 2:
@@ -310,6 +349,7 @@ def fit_batch_law(
         return out
     rng = np.random.default_rng(seed)
     resamples = _resamples(optima)
+    labels = _group_labels(optima)
     for key, part in optima.groupby(list(SCALING_GROUP), dropna=False, sort=True):
         if part["batch_size"].nunique() < 3:
             continue
@@ -322,7 +362,7 @@ def fit_batch_law(
             per_d.append(_b_star(at, draws, window))
         good = [p for p in per_d if p["interior"]]
         record: dict[str, Any] = {
-            **_group_dict(key),
+            **_group_dict(key, labels),
             "per_horizon": [{k: v for k, v in p.items() if k != "samples"} for p in per_d],
             "status": "impossible",
             "n": len(good),

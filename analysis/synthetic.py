@@ -12,7 +12,8 @@ The planted model, at every log row with t tokens seen:
                                                    (output layer rms->inf)
     loss(t)      = floor(w, t) + curvature dx^2 + batch_curvature (log2 B - log2 B*(t))^2
                    + multiplier_curvature (log2 lr_hidden - log2 best_lr_hidden)^2 + noise
-    log2 B*(t)   = batch_law[0] + batch_law[1] log2 t      (only with batch_law)
+    log2 B*(t)   = batch_law[0] + batch_law[1] log2 t      (only with batch_law; an optimizer
+                                                   may have its own batch_curvature)
 
 so the optimal lr moves with width by `width_slope` octaves per doubling, the loss-optimal norm
 is `optimal_log2_norm` at every (B, t) and moves with width by `norm_width_slope` octaves per
@@ -40,6 +41,7 @@ class PlantedOptimizer:
     log2_lr_centre: float = -7.0  # log2 lr* at the reference width, depth, batch and tokens
     depth_slope: float = 0.0
     log2_lr: tuple[float, float, float] | None = None  # its own grid (default: the config's)
+    batch_curvature: float | None = None  # its own (default: the config's)
 
 
 def _default_optimizers() -> dict[str, PlantedOptimizer]:
@@ -155,7 +157,9 @@ def _trial_result(
     )
     if config.batch_law is not None:
         log2_b_star = config.batch_law[0] + config.batch_law[1] * np.log2(tokens.astype(float))
-        loss = loss + config.batch_curvature * (math.log2(spec.batch_size) - log2_b_star) ** 2
+        own = config.optimizers[spec.optimizer].batch_curvature
+        curvature = config.batch_curvature if own is None else own
+        loss = loss + curvature * (math.log2(spec.batch_size) - log2_b_star) ** 2
     offset = rng.normal(0.0, config.seed_noise)
     train_loss = loss + offset + rng.normal(0.0, config.row_noise, len(steps))
     log2_norm = (
