@@ -107,7 +107,7 @@ class Optima:
         return out
 
 
-def _cell_matrix(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cell_matrix(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(grid x (L,), losses (L, seeds)): NaN where unmeasured, inf where diverged."""
     x, li = np.unique(part["log2_lr"].to_numpy(), return_inverse=True)
     seeds, si = np.unique(part["seed"].to_numpy(), return_inverse=True)
@@ -210,7 +210,7 @@ def find_optima(
     first = usable.drop_duplicates("cell").set_index("cell")
     cells = []
     for cell, part in usable.groupby("cell", sort=True):
-        x, y = _cell_matrix(part)
+        x, y = cell_matrix(part)
         mean = _mean(y)
         cells.append(
             (int(cell), str(first.loc[cell, "optimizer"]), x, y, mean, fit_curves(x, mean))

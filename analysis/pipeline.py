@@ -84,7 +84,7 @@ def analyze(
     htable = horizon_table(results, chosen)
     norm = fit_norm_transfer(htable, n_bootstrap=n_bootstrap, seed=seed, tolerance=tolerance)
     scaling = fit_scaling(optima_at_horizons(htable), optima.table)
-    layer = fit_layer_lr(optima)
+    layer = fit_layer_lr(optima, results.usable)
     timings["horizons_norm_scaling_s"] = time.perf_counter() - t2
     return Analysis(
         results=results,
@@ -96,7 +96,7 @@ def analyze(
         norm=norm,
         scaling=scaling,
         layer_lr=layer,
-        batch_sizes=fit_batch_sizes(optima),
+        batch_sizes=fit_batch_sizes(optima, results.usable),
         coord=coord_growth(results),
         predict_width=predict_width,
         n_bootstrap=n_bootstrap,

@@ -25,9 +25,9 @@ from rich.table import Table
 
 from sweeper.store import STATUSES, status_words
 
-from .batch_size import batch_size_sentences
+from .batch_size import batch_size_sentences, rise_words
 from .coord import coord_sentences
-from .layer_lr import layer_lr_sentences
+from .layer_lr import layer_lr_sentences, ratio
 from .load import METRIC_DESCRIPTIONS
 from .loss_compare import pct_ci
 from .norm_transfer import MIN_NORM_SPAN
@@ -421,6 +421,12 @@ def _num(v: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(v)
 
 
+def _batch_loss(loss: float, status: str) -> str:
+    if not np.isfinite(loss):
+        return "diverged"
+    return f"{loss:.4f}" + ("" if status == "ok" else " *")
+
+
 def _table(
     headers: list[str], rows: list[list[str]], left: int = 1, bad: list[bool] | None = None
 ) -> str:
@@ -696,9 +702,10 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
         parts.append("<h2>Per-layer-group lr multipliers</h2>")
         parts.append(
             "<p class='note'>Each combination's best loss over the base lr, against the"
-            " all-ones combination's (negative: better), with a 95 % interval from the cells'"
-            " seed-noise bootstrap; better / worse when the whole interval is below / above"
-            " 0. Only ratios between groups matter once the base lr is swept.</p>"
+            " all-ones combination's (negative: better), with 95 % intervals that hold for all"
+            " combinations at once (the cells' seed noise and the seeds' offsets); better / worse"
+            " when the whole interval is below / above 0. Only ratios between groups matter once"
+            " the base lr is swept.</p>"
         )
     for r in an.layer_lr:
         parts.append(
@@ -708,7 +715,7 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
         parts.append("".join(f"<p>{html.escape(t)}</p>" for t in layer_lr_sentences(r)))
         rows = [
             [
-                f"{c['lr_input']:g}:{c['lr_hidden']:g}:{c['lr_output']:g}:{c['lr_vector']:g}",
+                ratio(c),
                 _num(c["log2_lr_star"], "{:.2f}")
                 + ("" if c["lr_status"] == "ok" else f" ({c['lr_status']})"),
                 _num(c["loss_star"], "{:.4f}"),
@@ -725,8 +732,8 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
         parts.append("<h2>Best loss across batch sizes at a fixed token budget</h2>")
         parts.append(
             "<p class='note'>Each batch size's best loss over lr; the rise is the largest batch's"
-            " against the smallest's, with a 95 % interval from the cells' seed-noise"
-            " bootstrap.</p>"
+            " against the smallest's, with a 95 % interval (the cells' seed noise and the"
+            " seeds' offsets; see the sentences for the comparisons between families).</p>"
         )
     for rec in an.batch_sizes:
         sizes = sorted({b for f in rec["families"] for b in f["batch_sizes"]})
@@ -736,27 +743,25 @@ def render_html(an: Analysis, images: dict[str, bytes | None], skipped: dict[str
         parts.append("".join(f"<p>{html.escape(t)}</p>" for t in batch_size_sentences(rec)))
         rows = []
         for f in rec["families"]:
-            at = dict(zip(f["batch_sizes"], zip(f["loss_star"], f["lr_status"], strict=True),
-                          strict=True))  # fmt: skip
+            at = {
+                b: (loss, status)
+                for b, loss, status in zip(
+                    f["batch_sizes"], f["loss_star"], f["lr_status"], strict=True
+                )
+            }
+            change = (
+                "-"
+                if f["rise"] is None
+                else f"{100 * f['rise']:+.2f} % ({pct_ci(f['rise_ci'], prefix='')})"
+            )
             rows.append(
                 [f["label"]]
-                + [
-                    "-" if b not in at else f"{at[b][0]:.4f}" + ("" if at[b][1] == "ok" else " *")
-                    for b in sizes
-                ]
-                + [
-                    f"{100 * f['rise']:+.2f} % ({pct_ci(f['rise_ci'])})",
-                    f["rise_verdict"],
-                ]
+                + [_batch_loss(*at[b]) if b in at else "-" for b in sizes]
+                + [change, rise_words(f["rise_verdict"])]
             )
         parts.append(
             _table(
-                [
-                    "family",
-                    *[f"loss* B={b}" for b in sizes],
-                    "rise (largest vs smallest)",
-                    "verdict",
-                ],
+                ["family", *[f"loss* B={b}" for b in sizes], "largest vs smallest B", "verdict"],
                 rows,
             )
         )

@@ -11,7 +11,8 @@ The planted model, at every log row with t tokens seen:
     log2 norm(t) = optimal_log2_norm + norm_width_slope log2(w / ref_width) + norm_lr_slope dx
                                                    (output layer rms->inf)
     loss(t)      = floor(w, t) + curvature dx^2 + batch_curvature (log2 B - log2 B*(t))^2
-                   + multiplier_curvature (log2 lr_hidden - log2 best_lr_hidden)^2 + noise
+                   + multiplier_curvature (log2 lr_hidden - log2 best_lr_hidden)^2
+                   + seed_offset[seed] + seed_cell_offset[seed, cell] + noise
     log2 B*(t)   = batch_law[0] + batch_law[1] log2 t      (only with batch_law; an optimizer
                                                    may have its own batch_curvature)
 
@@ -70,6 +71,8 @@ class SyntheticConfig:
     tokens_exponent: float = 0.0
     curvature: float = 0.03  # nats per octave^2 away from the optimal lr
     seed_noise: float = 0.003  # nats, per-trial offset (the seed-to-seed spread)
+    seed_offset: float = 0.0  # nats, one offset per seed shared by all its trials (its init, data)
+    seed_cell_offset: float = 0.0  # nats, one per seed and cell, shared by the cell's lrs
     row_noise: float = 0.001  # nats, per log row
     diverge_octaves: float | None = 3.0
     optimal_log2_norm: float = 5.0
@@ -137,7 +140,11 @@ def planted_log2_lr(config: SyntheticConfig, spec: TrialSpec, tokens: np.ndarray
 
 
 def _trial_result(
-    config: SyntheticConfig, spec: TrialSpec, rng: np.random.Generator, fail: bool
+    config: SyntheticConfig,
+    spec: TrialSpec,
+    rng: np.random.Generator,
+    fail: bool,
+    seed_offset: float = 0.0,
 ) -> TrialResult:
     if fail:
         return TrialResult("failed", {"error": "synthetic failure", "steps_done": 0})
@@ -160,7 +167,7 @@ def _trial_result(
         own = config.optimizers[spec.optimizer].batch_curvature
         curvature = config.batch_curvature if own is None else own
         loss = loss + curvature * (math.log2(spec.batch_size) - log2_b_star) ** 2
-    offset = rng.normal(0.0, config.seed_noise)
+    offset = seed_offset + rng.normal(0.0, config.seed_noise)
     train_loss = loss + offset + rng.normal(0.0, config.row_noise, len(steps))
     log2_norm = (
         config.optimal_log2_norm
@@ -260,7 +267,17 @@ def write_synthetic_store(root: str | Path, config: SyntheticConfig | None = Non
     store = Store(root, config.name)
     store.prepare()
     rng = np.random.default_rng(config.rng_seed)
+    # Seed offsets from their own generator: planting them leaves every other draw as it was.
+    offsets = np.random.default_rng([config.rng_seed, 1])
+    shared: dict[int, float] = {}
+    per_cell: dict[str, float] = {}
     for i, spec in enumerate(synthetic_trials(config)):
         fail = config.failed_every > 0 and i % config.failed_every == config.failed_every - 1
-        store.write_trial(spec, _trial_result(config, spec, rng, fail))
+        if spec.seed not in shared:
+            shared[spec.seed] = float(offsets.normal(0.0, config.seed_offset))
+        cell_seed = spec.model_copy(update={"lr": 1.0}).trial_id
+        if cell_seed not in per_cell:
+            per_cell[cell_seed] = float(offsets.normal(0.0, config.seed_cell_offset))
+        offset = shared[spec.seed] + per_cell[cell_seed]
+        store.write_trial(spec, _trial_result(config, spec, rng, fail, offset))
     return Path(store.path)

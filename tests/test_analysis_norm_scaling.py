@@ -122,7 +122,8 @@ def test_layer_multipliers(tmp_path):
         best_lr_hidden=0.5,
         batch_law=None,
     )
-    (record,) = fit_layer_lr(find_optima(load_results(write_synthetic_store(tmp_path, cfg))))
+    results = load_results(write_synthetic_store(tmp_path, cfg))
+    (record,) = fit_layer_lr(find_optima(results), results.usable)
     assert record["best"]["lr_hidden"] == 0.5
     assert record["best"]["relative"] < 0  # better than all ones
     assert [c["lr_hidden"] for c in record["combos"]][-1] == 0.125  # the worst, 2 octaves off

@@ -28,6 +28,10 @@ CONFIG = SyntheticConfig(
     lr_hidden=(0.25, 0.5, 1.0, 2.0),
     best_lr_hidden=BEST_HIDDEN,
     multiplier_curvature=CURVATURE,
+    # A seed's offset: a large part shared by all its trials, and a part of its own per cell
+    # (as large as the per-trial noise), which does not cancel between cells.
+    seed_offset=0.02,
+    seed_cell_offset=0.003,
 )
 
 
@@ -44,14 +48,15 @@ def planted_relative(lr_hidden: float) -> float:
 
 def records(tmp_path, rng_seed: int, **changes) -> dict:
     cfg = dataclasses.replace(CONFIG, name=f"layers{rng_seed}", rng_seed=rng_seed, **changes)
-    (record,) = fit_layer_lr(find_optima(load_results(write_synthetic_store(tmp_path, cfg))))
+    results = load_results(write_synthetic_store(tmp_path, cfg))
+    (record,) = fit_layer_lr(find_optima(results), results.usable)
     return record
 
 
 def test_intervals_cover_the_planted_relative_loss(tmp_path):
-    # Measured over 60 such stores (rng seeds 100-159): coverage 97 %, 98 % and 100 % for the
-    # three combinations; the relative loss's error had sd 0.046 %, the intervals' implied sd
-    # 0.053 % (half-width / 1.96).
+    # Measured over 30 such stores (rng seeds 500-529): coverage 99 % of 90 intervals (100 %
+    # without the per-cell seed offset, 98 % with it twice as large); without that offset in
+    # the interval (only the lr-by-seed noise) the coverage was 58 %.
     covered, verdicts = [], {0.25: [], 0.5: [], 2.0: []}
     for r in range(100, 116):
         rec = records(tmp_path, r)
@@ -66,7 +71,8 @@ def test_intervals_cover_the_planted_relative_loss(tmp_path):
     # about 68 %.
     assert np.mean(covered) >= 0.875
     # Planted: 1/2 is 0.33 % better than all ones, 2 is 0.99 % worse, 1/4 exactly as good.
-    assert verdicts[0.5].count("better") >= 15
+    # (1/2 is told apart in 80 % of stores: the intervals hold for 3 comparisons at once.)
+    assert verdicts[0.5].count("better") >= 11
     assert verdicts[2.0].count("worse") >= 15
     assert verdicts[0.25].count("indistinguishable") >= 13
 
