@@ -301,7 +301,7 @@ def _varying_columns(trials: pd.DataFrame) -> list[str]:
     return [c for c in varying if c == "optimizer" or (per_opt[c].nunique(dropna=False) > 1).any()]
 
 
-def _hparams_varying(trials: pd.DataFrame) -> dict[str, list[str]]:
+def hparams_varying(trials: pd.DataFrame) -> dict[str, list[str]]:
     """Per optimizer, the hparams keys whose value varies (the rest is noise in a label)."""
     out: dict[str, list[str]] = {}
     for opt, group in trials.groupby("optimizer"):
@@ -319,7 +319,7 @@ def format_value(col: str, value: object) -> str:
 
 def _labels(trials: pd.DataFrame, varying: list[str]) -> pd.Series:
     """A short label per cell: the optimizer and the varying config values."""
-    hp_keys = _hparams_varying(trials) if "hparams" in varying else {}
+    hp_keys = hparams_varying(trials) if "hparams" in varying else {}
     first = trials.drop_duplicates("cell").set_index("cell")
     labels = {}
     for cell, row in first.iterrows():

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .fitting import OLSFit, ols
-from .load import format_value
+from .load import format_value, hparams_varying
 from .norm_transfer import NORM_GROUP
 from .optimum import WINDOW, locate_optimum
 
@@ -248,17 +248,13 @@ def _group_labels(optima: pd.DataFrame) -> dict[tuple, str]:
             for c in SCALING_GROUP
             if c not in same_as and same[c].astype(str).nunique(dropna=False) > 1
         ]
-        params = [json.loads(h or "{}") for h in same["hparams"]] if "hparams" in varying else []
-        hp_keys = sorted(
-            k
-            for k in {k for d in params for k in d}
-            if len({json.dumps(d.get(k)) for d in params}) > 1
-        )
-        for i, row in enumerate(same.itertuples(index=False)):
+        hp_keys = hparams_varying(same).get(str(same["optimizer"].iloc[0]), [])
+        for row in same.itertuples(index=False):
             cfg = dict(zip(SCALING_GROUP, row, strict=True))
+            params = json.loads(cfg["hparams"] or "{}") if hp_keys else {}
             parts = [str(cfg["optimizer"])]
             parts += [format_value(c, cfg[c]) for c in varying if c != "hparams"]
-            parts += [f"{k}={params[i].get(k)}" for k in hp_keys]
+            parts += [f"{k}={params.get(k)}" for k in hp_keys]
             labels[tuple(map(str, row))] = " ".join(parts)  # str: a NaN key equals itself
     return labels
 
