@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .load import format_value
 from .loss_compare import LossComparison, pct_ci, simultaneous, verdict
-from .norm_transfer import NORM_GROUP
 from .optimum import Optima
+from .scaling import SCALING_GROUP, group_label, group_labels
 
 # A family: every config column but batch size and the steps the budget sets from it.
-FAMILY = NORM_GROUP
+FAMILY = SCALING_GROUP
 # Families compared with each other share the model, the data and the token budget.
 SETTING = ("model", "width", "depth", "seq_len", "head_dim", "data", "data_fingerprint", "budget")
 # Steps are whole, so a budget not divisible by batch x sequence length gives each batch size a
@@ -41,6 +40,7 @@ def fit_batch_sizes(optima: Optima, usable: pd.DataFrame) -> list[dict[str, Any]
     if table.empty or table["batch_size"].nunique() < 2:
         return []
     table = table.assign(budget=_budgets(table["tokens"].to_numpy(float)))
+    labels = group_labels(table)
     out = []
     for _, setting in table.groupby(list(SETTING), dropna=False, sort=True):
         families = [
@@ -49,7 +49,8 @@ def fit_batch_sizes(optima: Optima, usable: pd.DataFrame) -> list[dict[str, Any]
             if fam["batch_size"].nunique() >= 2 and len(fam) == fam["batch_size"].nunique()
         ]
         if families:
-            out.append(_setting_record(LossComparison(optima, usable, setting["cell"]), families))
+            comp = LossComparison(optima, usable, setting["cell"])
+            out.append(_setting_record(comp, families, labels))
     return out
 
 
@@ -64,13 +65,9 @@ def _budgets(tokens: np.ndarray) -> np.ndarray:
     return np.array([start[t] for t in tokens])
 
 
-def _family_label(fam: pd.DataFrame) -> str:
-    # The cell's label without its batch size and steps, which vary inside the family.
-    drop = (format_value("batch_size", ""), format_value("steps", ""))
-    return " ".join(p for p in str(fam["label"].iloc[0]).split() if not p.startswith(drop))
-
-
-def _setting_record(comp: LossComparison, families: list[pd.DataFrame]) -> dict[str, Any]:
+def _setting_record(
+    comp: LossComparison, families: list[pd.DataFrame], labels: dict[tuple, str]
+) -> dict[str, Any]:
     first = families[0].iloc[0]
     fams = []
     for fam in families:
@@ -83,7 +80,7 @@ def _setting_record(comp: LossComparison, families: list[pd.DataFrame]) -> dict[
             rise = {"relative": None, "relative_ci": None, "verdict": "diverged"}
         fams.append(
             {
-                "label": _family_label(fam),
+                "label": group_label(labels, tuple(fam[list(FAMILY)].iloc[0])),
                 "optimizer": str(fam["optimizer"].iloc[0]),
                 "cells": [int(c) for c in fam["cell"]],
                 "batch_sizes": [int(b) for b in fam["batch_size"]],

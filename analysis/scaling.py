@@ -232,13 +232,19 @@ def _group_dict(key: tuple, labels: dict[tuple, str]) -> dict[str, Any]:
         "optimizer": cfg["optimizer"],
         "width": int(cfg["width"]),
         "depth": int(cfg["depth"]),
-        "label": labels.get(tuple(map(str, key)), str(cfg["optimizer"])),
+        "label": group_label(labels, key),
     }
 
 
-def _group_labels(optima: pd.DataFrame) -> dict[tuple, str]:
+def group_label(labels: dict[tuple, str], key: tuple) -> str:
+    """A group's label from group_labels, by its SCALING_GROUP values."""
+    return labels.get(tuple(map(str, key)), str(key[SCALING_GROUP.index("optimizer")]))
+
+
+def group_labels(optima: pd.DataFrame) -> dict[tuple, str]:
     """Per group, the optimizer and what tells the group apart from the others of its
-    optimizer, width and depth (lr multipliers, hyperparameters such as Muon's adam_lr)."""
+    optimizer, width and depth (lr multipliers, hyperparameters such as Muon's adam_lr).
+    Keyed by the group's SCALING_GROUP values as strings (see group_label)."""
     keys = optima[list(SCALING_GROUP)].drop_duplicates()
     same_as = ["optimizer", "width", "depth"]
     labels = {}
@@ -268,7 +274,7 @@ def fit_lr_law(
         return out
     rng = np.random.default_rng(seed)
     resamples = _resamples(optima)
-    labels = _group_labels(optima)
+    labels = group_labels(optima)
     for key, part in optima.groupby(list(SCALING_GROUP), dropna=False, sort=True):
         read = part[part["status"] != "decayed"]
         if read["batch_size"].nunique() < 2 and read["horizon"].nunique() < 2:
@@ -345,7 +351,7 @@ def fit_batch_law(
         return out
     rng = np.random.default_rng(seed)
     resamples = _resamples(optima)
-    labels = _group_labels(optima)
+    labels = group_labels(optima)
     for key, part in optima.groupby(list(SCALING_GROUP), dropna=False, sort=True):
         if part["batch_size"].nunique() < 3:
             continue
